@@ -1,0 +1,140 @@
+"""The rNCA update rule (DESIGN §3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnca_cli.model import RNCA, ModelConfig, count_parameters, visible
+
+from conftest import tiny_model
+
+
+def inputs(b=2, c=1, h=12, w=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, c, h, w, generator=g), torch.rand(b, h, w, generator=g)
+
+
+def test_output_shapes():
+    model = tiny_model()
+    image, mask = inputs()
+    state, history = model.rollout(image, mask, steps=5, generator=torch.Generator().manual_seed(0), record=True)
+    assert state.shape == (2, 4, 12, 10)
+    assert history.shape == (5, 2, 12, 10)
+    assert model(image, mask, steps=3).shape == (2, 12, 10)
+    assert torch.equal(history[-1], state[:, 0])
+
+
+def test_paper_sized_model_has_k16_and_128_hidden():
+    model = RNCA()
+    assert model.config.channels == 16 and model.config.hidden == 128
+    # state filters 16*3*9, image conv 48*9, fc1 (48+48)*128 + 128, fc2 128*16 + 16
+    assert count_parameters(model) == 432 + 432 + 96 * 128 + 128 + 128 * 16 + 16
+
+
+def test_initial_state_floors_visible_and_zeroes_latent():
+    model = tiny_model()
+    mask = torch.tensor([[[0.0, 0.05], [0.5, 1.0]]])
+    state = model.initial_state(mask)
+    assert torch.allclose(state[0, 0], torch.tensor([[0.1, 0.1], [0.5, 1.0]]))
+    assert torch.count_nonzero(state[:, 1:]) == 0
+
+
+def test_alive_masking_zeroes_dead_cells():
+    model = tiny_model()
+    image = torch.rand(1, 1, 16, 16)
+    state = torch.zeros(1, 4, 16, 16)
+    state[0, :, 2:4, 2:4] = 0.9  # a live blob in one corner
+    state[0, 1:, 12, 12] = 5.0  # latent values in a cell whose visible neighbourhood is empty
+    state = state.contiguous(memory_format=torch.channels_last)
+    out = model.step(state, model.image_term(image), torch.Generator().manual_seed(0))
+    pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= 0.1
+    dead = ~pre[0, 0]
+    assert dead[12, 12]
+    assert torch.count_nonzero(out[0][:, dead]) == 0  # whole state vector zeroed
+    assert torch.count_nonzero(out[0][:, ~dead]) > 0
+
+
+def test_fixed_generator_gives_identical_runs():
+    model = tiny_model()
+    image, mask = inputs()
+    a = model(image, mask, 8, torch.Generator().manual_seed(3))
+    b = model(image, mask, 8, torch.Generator().manual_seed(3))
+    c = model(image, mask, 8, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("fire_rate", [0.0, 1.0])
+def test_deterministic_fire_rates_ignore_the_generator(fire_rate):
+    model = tiny_model(fire_rate=fire_rate)
+    image, mask = inputs()
+    a = model(image, mask, 6, torch.Generator().manual_seed(1))
+    b = model(image, mask, 6, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    if fire_rate == 0.0:  # nothing updates: only the initial clamp and alive masking act
+        initial = visible(model.initial_state(mask))
+        assert torch.equal(a, initial)
+
+
+def test_per_sample_generators_make_a_case_independent_of_its_batch():
+    model = tiny_model()
+    image, mask = inputs(b=3)
+    batched = model(image, mask, 6, [torch.Generator().manual_seed(7) for _ in range(3)])
+    alone = model(image[1:2], mask[1:2], 6, [torch.Generator().manual_seed(7)])
+    assert torch.allclose(batched[1], alone[0], atol=1e-6)
+
+
+def reference_step(model: RNCA, state, image, draw):
+    """The paper's formulation written plainly: NCHW convs, image features concatenated each step."""
+    k = model.config.channels
+    f_state = F.conv2d(state, model.state_filters, padding=1, groups=k)
+    f_image = model.image_conv(image)
+    w1 = torch.cat([model.fc1_state.weight, model.fc1_image.weight], dim=1)
+    feats = torch.cat([f_state, f_image], dim=1)
+    hidden = torch.relu(F.conv2d(feats, w1[:, :, None, None], model.fc1_image.bias))
+    delta = F.conv2d(hidden, model.fc2.weight[:, :, None, None], model.fc2.bias)
+    pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= model.config.alive_threshold
+    new = state + delta * (draw < model.config.fire_rate)
+    post = F.max_pool2d(new[:, :1], 3, 1, 1) >= model.config.alive_threshold
+    return new * (pre & post)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_hoisted_image_term_equals_concatenating_image_features(grad):
+    model = tiny_model()
+    image, mask = inputs()
+    state = model.initial_state(mask)
+    ref = state.contiguous()
+    term = model.image_term(image)
+    with torch.set_grad_enabled(grad):
+        for step in range(10):
+            g1, g2 = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
+            state = model.step(state, term, g1)
+            ref = reference_step(model, ref, image, torch.rand(2, 1, 12, 10, generator=g2))
+    assert torch.allclose(state, ref, atol=1e-5)
+
+
+def test_zero_initialised_last_layer_leaves_state_unchanged_on_first_step():
+    model = RNCA(ModelConfig(channels=4, hidden=8))  # fresh: fc2 is zero
+    image, _ = inputs()
+    mask = torch.full((2, 12, 10), 0.7)  # every cell alive before and after
+    state = model.initial_state(mask)
+    out = model.step(state, model.image_term(image), torch.Generator().manual_seed(0))
+    assert torch.equal(out, state)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(channels=0), dict(filters=5), dict(fire_rate=1.5), dict(alive_threshold=-0.1), dict(hidden=0)]
+)
+def test_invalid_config_is_refused(bad):
+    with pytest.raises(ValueError, match="ModelConfig"):
+        ModelConfig(**bad)
+
+
+def test_config_round_trips_through_dict():
+    config = ModelConfig(channels=8, filters=4, image_channels=3)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({**config.to_dict(), "bogus": 1})
