@@ -1,0 +1,89 @@
+"""Checkpoint files and model names."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from rnca_cli import checkpoint
+from rnca_cli.errors import CheckpointError
+from rnca_cli.model import RNCA, ModelConfig
+
+from conftest import tiny_model
+
+
+def test_round_trip_rebuilds_an_identical_model(tmp_path):
+    model = tiny_model(seed=3, image_channels=3)
+    path = checkpoint.save_checkpoint(tmp_path / "m.pt", model, {"data": "rings", "iterations": 7})
+    loaded, provenance = checkpoint.load_checkpoint(path)
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert provenance["data"] == "rings" and provenance["iterations"] == 7
+    assert provenance["rnca_version"] and provenance["created"]
+    image, mask = torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8)
+    same = [m(image, mask, 4, torch.Generator().manual_seed(0)) for m in (model, loaded)]
+    assert torch.equal(*same)
+
+
+def test_checkpoint_is_plain_data_loadable_with_weights_only(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "m.pt", tiny_model())
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "rnca-checkpoint" and payload["format_version"] == 1
+    assert ModelConfig.from_dict(payload["config"]).channels == 4
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_file_needing_unpickling_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "rnca-checkpoint", "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pt: refused: the file needs unsafe unpickling"):
+        checkpoint.load_checkpoint(path)
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"plain text, no torch here", "not a PyTorch checkpoint"),
+        ({"weights": torch.zeros(2)}, "not an rnca checkpoint"),
+        ({"format": "rnca-checkpoint", "format_version": 99}, "format version 99 is not supported"),
+        ({"format": "rnca-checkpoint", "format_version": 1, "config": {}}, "missing 'state_dict'"),
+        (
+            {"format": "rnca-checkpoint", "format_version": 1, "config": {"channels": 4}, "state_dict": {}},
+            "cannot rebuild the model",
+        ),
+    ],
+)
+def test_non_rnca_files_are_refused_with_a_message(tmp_path, content, message):
+    path = tmp_path / "other.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_resolve_model_by_path_and_errors(tmp_path):
+    path = checkpoint.save_checkpoint(tmp_path / "m.pt", RNCA(ModelConfig(channels=2, hidden=4)))
+    assert checkpoint.resolve_model(str(path)) == path
+    with pytest.raises(CheckpointError, match="no such model file"):
+        checkpoint.resolve_model(tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match="not a model file nor a shipped model name"):
+        checkpoint.resolve_model("no-such-name")
+
+
+def test_shipped_default_model_resolves_and_loads():
+    names = checkpoint.available_models()
+    assert checkpoint.DEFAULT_MODEL in names
+    model = checkpoint.load_model(checkpoint.DEFAULT_MODEL)
+    assert model.config.channels == 16 and not model.training
+    assert model.provenance["iterations"] > 0
