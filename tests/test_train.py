@@ -1,0 +1,134 @@
+"""Pool training (DESIGN §4)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from rnca_cli import train as tr
+from rnca_cli.checkpoint import load_checkpoint
+from rnca_cli.errors import InputError, OutputError
+from rnca_cli.model import ModelConfig
+from rnca_cli.refine import refine_array
+
+from conftest import ring, write_nifti, write_png
+
+SMALL = ModelConfig(channels=4, hidden=16)
+
+
+def make_folders(root, n=8, size=32):
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        target = ring(size, radius=6 + k % 4, width=3)
+        broken = ring(size, radius=6 + k % 4, width=3, gap=True)
+        image = np.clip(target * 170 + rng.normal(40, 20, target.shape), 0, 255).astype(np.uint8)
+        write_png(root / "images" / f"c{k}.png", image)
+        write_png(root / "labels" / f"c{k}.png", target.astype(np.uint8) * 255)
+        write_png(root / "states" / f"c{k}.png", broken.astype(np.uint8) * 255)
+    return root / "images", root / "labels", root / "states"
+
+
+def test_window_starts_cover_and_end_flush():
+    assert tr.window_starts(64, 64, 0.25) == [0]
+    assert tr.window_starts(40, 64, 0.25) == [0]
+    assert tr.window_starts(160, 64, 0.25) == [0, 48, 96]
+    assert tr.window_starts(150, 64, 0.25) == [0, 48, 86]
+
+
+def test_patches_skip_empty_coarse_masks_and_pad_small_inputs():
+    image = np.zeros((100, 40, 1), np.float32)
+    label = np.zeros((100, 40), np.float32)
+    coarse = np.zeros((100, 40), np.float32)
+    coarse[5, 5] = 1.0  # only the first window holds anything
+    patches = list(tr.cut_patches(image, label, coarse, 64, 0.25))
+    assert len(patches) == 1
+    img, lab, st = patches[0]
+    assert img.shape == (64, 64, 1) and lab.shape == st.shape == (64, 64)
+    assert st[5, 5] == 1.0 and st[:, 40:].sum() == 0
+
+
+def test_dataset_holds_out_validation_cases(tmp_path):
+    folders = make_folders(tmp_path)
+    data = tr.load_dataset(*folders, tr.TrainConfig(patch=32, val_cases=2))
+    assert len(data.train) == 6 and len(data.val) == 2
+    assert data.val.case_ids == ["c6", "c7"]
+    assert data.train.images.shape == (6, 1, 32, 32)
+    assert "held out" in data.description
+
+
+def test_dataset_reports_unmatched_and_refuses_shape_mismatch(tmp_path):
+    images, labels, states = make_folders(tmp_path, n=3)
+    (states / "c2.png").unlink()
+    data = tr.load_dataset(images, labels, states, tr.TrainConfig(patch=32))
+    assert len(data.train) == 2 and [p.name for p in data.unmatched] == ["c2.png"]
+    write_png(labels / "c0.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(InputError, match=r"c0.png: shape \(16, 16\) differs"):
+        tr.load_dataset(images, labels, states, tr.TrainConfig(patch=32))
+
+
+def test_nifti_volumes_train_slice_by_slice(tmp_path):
+    target = np.stack([ring(24, 7, 3)] * 3, axis=-1).astype(np.uint8)
+    write_nifti(tmp_path / "i" / "v.nii.gz", target.astype(np.float32))
+    write_nifti(tmp_path / "l" / "v.nii.gz", target)
+    write_nifti(tmp_path / "s" / "v.nii.gz", target)
+    data = tr.load_dataset(tmp_path / "i", tmp_path / "l", tmp_path / "s", tr.TrainConfig(patch=32))
+    assert len(data.train) == 3
+
+
+def test_a_few_iterations_lower_the_loss_and_the_checkpoint_refines(tmp_path):
+    folders = make_folders(tmp_path)
+    config = tr.TrainConfig(iterations=30, pool=16, batch=4, replace=1, steps=12, min_step=6, lr=3e-3,
+                            patch=32, save_every=10, seed=0)
+    data = tr.load_dataset(*folders, config)
+    losses = []
+    model, ckpt = tr.train(data, tmp_path / "run", config, SMALL, on_progress=lambda p: losses.append(p.loss))
+    assert len(losses) == 30
+    assert np.mean(losses[-8:]) < np.mean(losses[:4])
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30 and float(rows[-1]["loss"]) == pytest.approx(losses[-1], rel=1e-4)
+    loaded, provenance = load_checkpoint(ckpt)
+    assert provenance["iterations"] == 30 and "c0" not in provenance["data"] and "8 training cases" in provenance["data"]
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a.cpu(), b)
+    prob = refine_array(loaded, np.random.rand(32, 32), ring(32, 7, 3, gap=True).astype(np.float32), steps=12)
+    assert prob.shape == (32, 32) and 0 <= prob.min() and prob.max() <= 1
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    folders = make_folders(tmp_path, n=4)
+    config = tr.TrainConfig(iterations=3, pool=8, batch=2, replace=1, steps=6, min_step=3, patch=32)
+    data = tr.load_dataset(*folders, config)
+    a, _ = tr.train(data, tmp_path / "a", config, SMALL)
+    b, _ = tr.train(data, tmp_path / "b", config, SMALL)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_validation_is_logged(tmp_path):
+    folders = make_folders(tmp_path, n=6)
+    config = tr.TrainConfig(iterations=2, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32,
+                            val_cases=2, val_every=1)
+    seen = []
+    tr.train(tr.load_dataset(*folders, config), tmp_path / "run", config, SMALL, on_progress=lambda p: seen.append(p.val))
+    assert all(v is not None and 0 <= v["val_dice_after"] <= 1 for v in seen)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    folders = make_folders(tmp_path, n=2)
+    config = tr.TrainConfig(iterations=1, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32)
+    data = tr.load_dataset(*folders, config)
+    tr.train(data, tmp_path / "run", config, SMALL)
+    before = (tmp_path / "run" / "model.pt").read_bytes()
+    with pytest.raises(OutputError, match="already exists"):
+        tr.train(data, tmp_path / "run", config, SMALL)
+    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", [dict(pool=4, batch=8), dict(replace=9, batch=8), dict(min_step=70), dict(overlap=1.0)])
+def test_invalid_train_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        tr.TrainConfig(**bad)
