@@ -1,0 +1,272 @@
+"""Inference: refine masks with a trained rNCA, from numpy arrays or from files and folders.
+
+Decisions a user can rely on (also in the README):
+
+* **Reproducible.** Every 2D case (and every slice k of a volume) draws its stochastic update masks
+  from its own generator seeded with ``seed`` (``seed + k`` for slice k). A case therefore refines
+  to the same mask alone, in a folder, or in any batch size.
+* **Image channels.** A model trained on gray images given an RGB image uses its luminance
+  (0.299 R + 0.587 G + 0.114 B); a model trained on RGB given a gray image sees the gray value in
+  all three channels. Other mismatches are refused.
+* **3D.** A NIfTI volume is refined slice by slice along ``axis`` (default 2) with a 2D model;
+  slices go through the model in batches of ``batch``.
+* **Labels.** With ``label=N`` the mask is a label map: label N is refined as a binary mask and
+  written back into the map: pixels the refiner claims become N unless they belong to another label,
+  pixels of N it drops become background; other labels are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import io
+from .device import make_generator
+from .errors import InputError, OutputError
+from .model import RNCA, visible
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def match_channels(image: np.ndarray, channels: int, path: Path | str = "image") -> np.ndarray:
+    """Adapt (..., C) image data to the model's channel count (gray <-> RGB), or refuse."""
+    have = image.shape[-1]
+    if have == channels:
+        return image
+    if have == 3 and channels == 1:
+        return (image @ _LUMA)[..., None].astype(np.float32)
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    raise InputError(f"{path}: image has {have} channel(s) but the model expects {channels}")
+
+
+def _model_device(model: RNCA) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def refine_batch(
+    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int]
+) -> np.ndarray:
+    """Refine a batch of equal-size 2D cases.
+
+    images: (B, H, W, C) float in [0, 1] with the model's channel count; masks: (B, H, W) in [0, 1];
+    seeds: one per case. Returns (B, H, W) float32 probability.
+    """
+    device = _model_device(model)
+    image = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).permute(0, 3, 1, 2)
+    mask = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(device)  # (B, H, W)
+    generators = [make_generator(device, int(s)) for s in seeds]
+    state, _ = model.rollout(image, mask, steps, generators)
+    return visible(state).float().cpu().numpy()
+
+
+def refine_array(
+    model: RNCA,
+    image: np.ndarray,
+    mask: np.ndarray,
+    steps: int = 64,
+    seed: int = 0,
+    axis: int = 2,
+    batch: int = 16,
+) -> np.ndarray:
+    """Refine one mask; returns the refined probability map (threshold it with ``>= 0.5``).
+
+    Args:
+        model: from :func:`rnca_cli.load_model`, on the device to compute on.
+        image: 2D (H, W) or (H, W, C), or 3D (X, Y, Z) or (X, Y, Z, C); float in [0, 1].
+        mask: (H, W) or (X, Y, Z); binary or probability in [0, 1].
+        steps: automaton updates.
+        seed: seed of the stochastic updates (same seed, same result).
+        axis: for 3D, the axis the volume is sliced along.
+        batch: for 3D, slices per forward pass.
+    """
+    mask = np.asarray(mask, dtype=np.float32)
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == mask.ndim:
+        image = image[..., None]
+    if image.shape[:-1] != mask.shape or mask.ndim not in (2, 3):
+        raise InputError(f"image shape {image.shape} does not match mask shape {mask.shape}")
+    if mask.min(initial=0) < 0 or mask.max(initial=0) > 1:
+        raise InputError("mask values must lie in [0, 1]")
+    image = match_channels(image, model.config.image_channels)
+    if mask.ndim == 2:
+        return refine_batch(model, image[None], mask[None], steps, [seed])[0]
+    # 3D: slices along `axis` become a batch of 2D cases.
+    img_slices = np.moveaxis(image, axis, 0)  # (S, A, B, C)
+    mask_slices = np.moveaxis(mask, axis, 0)  # (S, A, B)
+    out = np.empty(mask_slices.shape, dtype=np.float32)
+    for start in range(0, len(mask_slices), batch):
+        rows = slice(start, start + batch)
+        seeds = [seed + k for k in range(start, min(start + batch, len(mask_slices)))]
+        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds)
+    return np.moveaxis(out, 0, axis)
+
+
+# -- files and folders ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    steps: int = 64
+    threshold: float = 0.5
+    seed: int = 0
+    axis: int = 2
+    label: int | None = None
+    save_prob: bool = False
+    batch: int = 16
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError("threshold must be in (0, 1]")
+        if self.axis not in (0, 1, 2):
+            raise ValueError("axis must be 0, 1 or 2")
+        if self.batch < 1:
+            raise ValueError("batch must be >= 1")
+
+
+@dataclass
+class Job:
+    """One case to refine and where its outputs go."""
+
+    case_id: str
+    images: list[Path]
+    mask: Path
+    out: Path
+    prob_out: Path | None
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    out: Path
+    foreground_before: int
+    foreground_after: int
+
+
+def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOptions) -> list[Job]:
+    """Job for one file pair; default output ``<mask stem>_refined<suffix>`` beside the mask."""
+    cid = io.case_id(mask)
+    if out is None:
+        out = mask.with_name(f"{cid}_refined{io.output_suffix(mask)}")
+    _check_output_suffix(out, mask)
+    prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
+    jobs = [Job(cid, [image], mask, out, prob)]
+    _check_outputs(jobs, options.overwrite)
+    return jobs
+
+
+def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineOptions) -> tuple[list[Job], io.Pairing]:
+    """Jobs for every paired case; outputs ``out_dir/<case><suffix>``, probabilities in ``out_dir/prob``."""
+    pairing = io.pair_folders(image_dir, mask_dir)
+    if not pairing.cases:
+        raise InputError(f"{image_dir}: no image has a mask with the same case id in {mask_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.resolve() == mask_dir.resolve():
+        raise OutputError(f"{out_dir}: is the mask folder; inputs are never overwritten, choose another --out")
+    jobs = []
+    for case in pairing.cases:
+        name = case.case_id + io.output_suffix(case.mask)
+        prob = out_dir / "prob" / name if options.save_prob else None
+        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob))
+    _check_outputs(jobs, options.overwrite)
+    return jobs, pairing
+
+
+def _check_output_suffix(out: Path, mask: Path) -> None:
+    if io.is_nifti(mask) != io.is_nifti(out):
+        raise OutputError(f"{out}: output must be {'NIfTI' if io.is_nifti(mask) else 'PNG or TIFF'} like its mask {mask}")
+    if not io.is_nifti(out) and io.suffix_of(out) not in io.LOSSLESS_2D:
+        raise OutputError(f"{out}: masks are written only as PNG or TIFF, not {io.suffix_of(out)!r}")
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
+    """Refuse before any work: unreadable inputs or shapes that disagree (from file headers),
+    existing outputs without overwrite, outputs that are inputs."""
+    inputs = {p.resolve() for job in jobs for p in (*job.images, job.mask)}
+    for job in jobs:
+        mask_shape = io.peek_shape(job.mask)
+        for image in job.images:
+            if io.is_nifti(image) != io.is_nifti(job.mask):
+                raise InputError(f"{job.mask}: mask and image {image} must both be 2D images or both NIfTI")
+            if io.peek_shape(image) != mask_shape:
+                raise InputError(
+                    f"{job.mask}: mask shape {mask_shape} differs from image {image} shape {io.peek_shape(image)}"
+                )
+        for target in filter(None, (job.out, job.prob_out)):
+            if target.resolve() in inputs:
+                raise OutputError(f"{target}: is an input file; inputs are never overwritten")
+            if target.exists() and not overwrite:
+                raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
+
+
+def _load(job: Job, model: RNCA, options: RefineOptions) -> tuple[io.Loaded, io.Loaded, np.ndarray]:
+    image = io.read_images(job.images)
+    mask = io.read_mask(job.mask, label=options.label)
+    if image.data.shape[:-1] != mask.data.shape:
+        raise InputError(
+            f"{job.mask}: mask shape {mask.data.shape} differs from image {image.path} shape {image.data.shape[:-1]}"
+        )
+    return image, mask, match_channels(image.data, model.config.image_channels, image.path)
+
+
+def _write(job: Job, mask: io.Loaded, prob: np.ndarray, options: RefineOptions) -> CaseResult:
+    binary = prob >= options.threshold
+    if options.label is not None:
+        labels = mask.meta["labels"]
+        result = np.where(labels == options.label, 0, labels)
+        result = np.where(binary & (result == 0), options.label, result).astype(labels.dtype)
+    else:
+        result = binary
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    io.write_mask(job.out, result, mask)
+    if job.prob_out is not None:
+        job.prob_out.parent.mkdir(parents=True, exist_ok=True)
+        io.write_mask(job.prob_out, prob, mask, soft=True)
+    before = int((mask.data >= options.threshold).sum())
+    return CaseResult(job.case_id, job.out, before, int(binary.sum()))
+
+
+def run_jobs(
+    model: RNCA, jobs: list[Job], options: RefineOptions, on_case: Callable[[CaseResult], None] | None = None
+) -> list[CaseResult]:
+    """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass."""
+    results: list[CaseResult] = []
+    pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        images = np.stack([img for _, _, img in pending])
+        masks = np.stack([m.data for _, m, _ in pending])
+        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending))
+        for (job, mask, _), prob in zip(pending, probs):
+            results.append(_write(job, mask, prob, options))
+            if on_case:
+                on_case(results[-1])
+        pending.clear()
+
+    for job in jobs:
+        image, mask, image_data = _load(job, model, options)
+        if mask.is_volume:
+            flush()
+            prob = refine_array(model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch)
+            results.append(_write(job, mask, prob, options))
+            if on_case:
+                on_case(results[-1])
+            continue
+        if pending and pending[0][1].data.shape != mask.data.shape:
+            flush()
+        pending.append((job, mask, image_data))
+        if len(pending) >= options.batch:
+            flush()
+    flush()
+    return results

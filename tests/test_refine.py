@@ -1,0 +1,107 @@
+"""Inference on arrays, files and folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rnca_cli import refine as rf
+from rnca_cli.errors import InputError, OutputError
+from rnca_cli.io import read_mask
+
+from conftest import ring, tiny_model, write_png
+
+
+def test_refine_array_2d_is_seeded_and_in_unit_range(model):
+    image, mask = np.random.rand(20, 24), ring(24)[:20].astype(np.float32)
+    a = rf.refine_array(model, image, mask, steps=5, seed=1)
+    b = rf.refine_array(model, image, mask, steps=5, seed=1)
+    c = rf.refine_array(model, image, mask, steps=5, seed=2)
+    assert a.shape == (20, 24) and a.dtype == np.float32
+    assert 0 <= a.min() and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_zero_steps_returns_the_initial_visible_channel(model):
+    mask = ring(16).astype(np.float32)
+    out = rf.refine_array(model, np.zeros((16, 16)), mask, steps=0)
+    np.testing.assert_allclose(out, np.clip(mask, 0.1, 1))
+
+
+def test_volume_slices_equal_2d_refinement_with_slice_seeds(model):
+    volume = np.random.rand(10, 12, 3).astype(np.float32)
+    mask = (np.random.rand(10, 12, 3) > 0.5).astype(np.float32)
+    out = rf.refine_array(model, volume, mask, steps=4, seed=5, axis=2, batch=2)
+    assert out.shape == (10, 12, 3)
+    for k in range(3):
+        alone = rf.refine_array(model, volume[:, :, k], mask[:, :, k], steps=4, seed=5 + k)
+        np.testing.assert_allclose(out[:, :, k], alone, atol=1e-6)
+    along0 = rf.refine_array(model, volume, mask, steps=4, seed=5, axis=0)
+    np.testing.assert_allclose(along0[1], rf.refine_array(model, volume[1], mask[1], steps=4, seed=6), atol=1e-6)
+
+
+def test_gray_rgb_channel_matching():
+    rgb = np.random.rand(6, 6, 3).astype(np.float32)
+    gray = rf.match_channels(rgb, 1)
+    np.testing.assert_allclose(gray[..., 0], rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-6)
+    np.testing.assert_array_equal(rf.match_channels(gray, 3)[..., 2], gray[..., 0])
+    with pytest.raises(InputError, match="has 2 channel"):
+        rf.match_channels(np.zeros((4, 4, 2)), 3, "two.png")
+    rgb_model = tiny_model(image_channels=3)
+    assert rf.refine_array(rgb_model, np.random.rand(8, 8), np.ones((8, 8)), steps=2).shape == (8, 8)
+
+
+def test_refine_array_refuses_bad_shapes_and_values(model):
+    with pytest.raises(InputError, match="does not match"):
+        rf.refine_array(model, np.zeros((8, 8)), np.zeros((8, 9)))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        rf.refine_array(model, np.zeros((8, 8)), np.full((8, 8), 255.0))
+
+
+def test_folder_batching_gives_the_same_masks_as_single_files(tmp_path, model, png_folders):
+    images, masks = png_folders
+    options = rf.RefineOptions(steps=6, batch=3, save_prob=True)
+    jobs, pairing = rf.plan_folder(images, masks, tmp_path / "out", options)
+    results = rf.run_jobs(model, jobs, options)
+    assert [r.case_id for r in results] == ["case0", "case1", "case2"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png", "prob"]
+    single = rf.plan_single(images / "case1.png", masks / "case1.png", tmp_path / "one.png", options)
+    rf.run_jobs(model, single, options)
+    np.testing.assert_array_equal(read_mask(tmp_path / "one.png").data, read_mask(tmp_path / "out" / "case1.png").data)
+    assert (tmp_path / "one_prob.png").exists() and (tmp_path / "out" / "prob" / "case1.png").exists()
+
+
+def test_label_is_refined_inside_the_label_map(tmp_path):
+    labels = np.zeros((24, 24), np.uint8)
+    labels[ring(24, 7, 3)] = 2
+    labels[:3, :3] = 5  # another structure, must survive untouched
+    write_png(tmp_path / "img.png", np.zeros((24, 24), np.uint8))
+    write_png(tmp_path / "lab.png", labels)
+    keep_all = tiny_model(fire_rate=0.0)  # no updates: refined label 2 = its input
+    options = rf.RefineOptions(steps=3, label=2)
+    rf.run_jobs(keep_all, rf.plan_single(tmp_path / "img.png", tmp_path / "lab.png", tmp_path / "out.png", options), options)
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "out.png")), labels)
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, png_folders):
+    images, masks = png_folders
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "case2.png").write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="case2.png: already exists"):
+        rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case2.png"]
+    with pytest.raises(OutputError, match="is the mask folder"):
+        rf.plan_folder(images, masks, masks, rf.RefineOptions(overwrite=True))
+    with pytest.raises(OutputError, match="is an input file"):
+        rf.plan_single(images / "case0.png", masks / "case0.png", masks / "case0.png", rf.RefineOptions(overwrite=True))
+
+
+def test_shape_mismatch_is_found_from_headers_before_writing(tmp_path, png_folders):
+    images, masks = png_folders
+    write_png(masks / "case1.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(InputError, match=r"case1.png: mask shape \(10, 10\) differs from image"):
+        rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions())
+    assert not (tmp_path / "out").exists()
