@@ -1,0 +1,149 @@
+"""The rnca command line, end to end through Typer's runner."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rnca_cli.cli import app
+
+from conftest import write_png
+from test_train import make_folders
+
+runner = CliRunner()
+
+
+def rnca(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    result = rnca("--help")
+    assert result.exit_code == 0
+    for command in ("train", "refine"):
+        assert command in result.output
+    assert rnca("refine", "--help").exit_code == 0
+
+
+def test_refine_one_png(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    out = tmp_path / "refined.png"
+    result = rnca("refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--out", out,
+                  "--model", model_file, "--steps", 4, "--save-prob")
+    assert result.exit_code == 0, result.output
+    written = np.array(Image.open(out))
+    assert written.shape == (32, 32) and written.dtype == np.uint8 and set(np.unique(written)) <= {0, 255}
+    assert (tmp_path / "refined_prob.png").exists()
+    assert "refined 1 case" in result.output
+
+
+def test_refine_default_output_goes_beside_the_mask(png_folders, model_file):
+    images, masks = png_folders
+    result = rnca("refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--model", model_file,
+                  "--steps", 2, "-q")
+    assert result.exit_code == 0, result.output
+    assert (masks / "case0_refined.png").exists() and result.output == ""
+
+
+def test_refine_png_folder(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    (images / "extra.png").write_bytes((images / "case0.png").read_bytes())
+    result = rnca("refine", "--image", images, "--mask", masks, "--out", tmp_path / "out", "--model", model_file,
+                  "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png"]
+    assert "unmatched, skipped" in result.output and "extra.png" in result.output
+
+
+def test_refine_nifti_folder_keeps_geometry(tmp_path, nifti_folders, model_file):
+    images, masks = nifti_folders
+    result = rnca("refine", "--image", images, "--mask", masks, "--out", tmp_path / "out", "--model", model_file,
+                  "--steps", 3, "--axis", 2)
+    assert result.exit_code == 0, result.output
+    out = nib.load(str(tmp_path / "out" / "vol.nii.gz"))
+    src = nib.load(str(masks / "vol.nii.gz"))
+    assert out.shape == src.shape == (24, 24, 5) and out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, src.affine)
+    assert out.header.get_zooms() == src.header.get_zooms()
+
+
+def test_existing_output_needs_overwrite(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    out = tmp_path / "r.png"
+    out.write_bytes(b"precious")
+    args = ["refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--out", out,
+            "--model", model_file, "--steps", 2]
+    result = rnca(*args)
+    assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
+    assert out.read_bytes() == b"precious"
+    assert rnca(*args, "--overwrite").exit_code == 0
+    assert out.read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_image", "shape_mismatch", "unreadable", "no_pairs", "bad_model", "bad_device", "bad_option"],
+)
+def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, case):
+    images, masks = png_folders
+    image, mask, model, extra = images / "case0.png", masks / "case0.png", model_file, []
+    out = tmp_path / "out.png"
+    if case == "missing_image":
+        image, expected = images / "nope.png", "nope.png: no such file"
+    elif case == "shape_mismatch":
+        write_png(masks / "case0.png", np.zeros((8, 8), np.uint8))
+        expected = "case0.png: mask shape (8, 8) differs"
+    elif case == "unreadable":
+        (masks / "case0.png").write_bytes(b"junk")
+        expected = "case0.png: cannot read"
+    elif case == "no_pairs":
+        (tmp_path / "empty").mkdir()
+        image, mask, out, expected = images, tmp_path / "empty", tmp_path / "o", "no image has a mask"
+    elif case == "bad_model":
+        model, expected = tmp_path / "nothing.pt", "nothing.pt: no such model file"
+    elif case == "bad_device":
+        extra, expected = ["--device", "tpu"], "--device tpu"
+    else:
+        extra, expected = ["--threshold", "0"], "threshold must be in (0, 1]"
+    result = rnca("refine", "--image", image, "--mask", mask, "--out", out, "--model", model, "--steps", 2, *extra)
+    assert result.exit_code == 1, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+    assert not out.exists()
+
+
+def test_train_then_refine_with_the_checkpoint(tmp_path):
+    images, labels, states = make_folders(tmp_path, n=6)
+    run = tmp_path / "run"
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", run,
+                  "--iterations", 4, "--pool", 8, "--batch", 2, "--replace", 1, "--steps", 6, "--min-step", 3,
+                  "--patch", 32, "--channels", 4, "--hidden", 16, "--val-cases", 2, "--val-every", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (run / "model.pt").exists() and (run / "log.csv").exists()
+    result = rnca("refine", "--image", images / "c0.png", "--mask", states / "c0.png", "--out", tmp_path / "r.png",
+                  "--model", run / "model.pt", "--steps", 6)
+    assert result.exit_code == 0, result.output
+    again = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", run, "--patch", 32)
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_train_bad_option_and_empty_folder(tmp_path):
+    images, labels, states = make_folders(tmp_path, n=2)
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", tmp_path / "r",
+                  "--batch", 64, "--pool", 8)
+    assert result.exit_code == 1 and "pool (8) must be >= batch (64)" in result.output
+    (tmp_path / "none").mkdir()
+    result = rnca("train", "--images", tmp_path / "none", "--labels", labels, "--states", states, "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "no case has an image" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rnca_cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("rnca ")
