@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+stdout = Console()
 
 
 def fail(message: str) -> None:
@@ -36,7 +36,7 @@ def fail(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"rnca {__version__}")
+        stdout.print(f"rnca {__version__}")
         raise typer.Exit()
 
 
@@ -55,6 +55,14 @@ def _progress(quiet: bool) -> Progress:
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err, disable=quiet, transient=False,
     )
+
+
+def _report_unmatched(items: list[tuple[str, Path]], limit: int = 10) -> None:
+    """List unmatched files on stderr: the first ``limit``, then how many more."""
+    for kind, path in items[:limit]:
+        err.print(f"[yellow]unmatched {kind}:[/] {path}", highlight=False)
+    if len(items) > limit:
+        err.print(f"[yellow]... and {len(items) - limit} more unmatched file(s)[/]")
 
 
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto takes a CUDA GPU when present.")]
@@ -116,8 +124,7 @@ def train(
             fail(str(exc))
         if not quiet:
             err.print(f"{data.description}; device {torch_device}")
-            for path in data.unmatched:
-                err.print(f"[yellow]unmatched, not used:[/] {path}")
+            _report_unmatched([("file, not used", p) for p in data.unmatched])
         with _progress(quiet) as bar:
             task = bar.add_task("training", total=iterations, info="")
 
@@ -174,8 +181,8 @@ def refine(
                 fail("folder mode needs --out DIR")
             jobs, pairing = plan_folder(image, mask, out, options)
             if not quiet:
-                for path in pairing.unmatched_images + pairing.unmatched_masks:
-                    err.print(f"[yellow]unmatched, skipped:[/] {path}")
+                _report_unmatched([("image, skipped", p) for p in pairing.unmatched_images]
+                                  + [("mask, skipped", p) for p in pairing.unmatched_masks])
         else:
             jobs = plan_single(image, mask, out, options)
         torch_device = resolve_device(device)
@@ -196,6 +203,117 @@ def refine(
             f"foreground {before} -> {after} pixels; wrote {where}",
             highlight=False,
         )
+
+
+def _metric_list(value: str) -> list[str]:
+    from .evaluate import parse_metrics
+
+    try:
+        return parse_metrics(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _limits(value: Optional[str]) -> dict[str, float]:
+    from .evaluate import parse_thresholds
+
+    try:
+        return parse_thresholds(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _summary_table(title: str, summary: dict) -> "Table":
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("metric", "mean", "std", "median", "valid", "nan"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for metric, s in summary.items():
+        table.add_row(metric, f"{s['mean']:.4g}", f"{s['std']:.4g}", f"{s['median']:.4g}", str(s["count"]), str(s["nan"]))
+    return table
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="Predicted mask, or folder of predicted masks.")],
+    gt: Annotated[Path, typer.Option(help="Ground-truth mask, or folder (paired by case id).")],
+    out: Annotated[Optional[Path], typer.Option(help="Per-case CSV; <stem>_summary.csv (and _comparison.csv) beside it.")] = None,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the summary as JSON.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="Second prediction folder (e.g. before refinement) to compare against.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma list of dice, cldice, precision, recall, betti, hd, hd95, assd, or all.")] = "all",
+    fail_under: Annotated[Optional[str], typer.Option(help="Fail (exit 1) if a mean is below, e.g. dice=0.8,cldice=0.75.")] = None,
+    fail_over: Annotated[Optional[str], typer.Option(help="Fail (exit 1) if a mean is above, e.g. hd95=10,betti0_err=2.")] = None,
+    label: Annotated[Optional[int], typer.Option(help="Evaluate this label value of multi-label masks.")] = None,
+    threshold: Annotated[float, typer.Option(help="Soft predictions: probability >= threshold is foreground.")] = 0.5,
+    jobs: Annotated[int, typer.Option(help="Parallel processes (0: all cores).")] = 0,
+    strict: Annotated[bool, typer.Option("--strict", help="Unmatched files are an error.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score masks against ground truth (overlap, topology, surface distances) into a CSV; gate CI."""
+    from . import evaluate as ev
+    from .io import check_writable
+
+    which = _metric_list(metrics)
+    under, over = _limits(fail_under), _limits(fail_over)
+    try:
+        options = ev.EvalOptions(metrics=tuple(which), threshold=threshold, label=label, jobs=jobs)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        targets = [p for p in (out, json_file) if p is not None]
+        if out is not None:
+            targets += [out.with_name(out.stem + "_summary.csv")] + ([out.with_name(out.stem + "_comparison.csv")] if baseline else [])
+        for target in targets:
+            check_writable(target, overwrite)
+        pairs, lonely_pred, lonely_gt = ev.pair_files(pred, gt)
+        base_pairs = ev.pair_files(baseline, gt)[0] if baseline is not None else []
+        lonely = [("prediction", p) for p in lonely_pred] + [("ground truth", p) for p in lonely_gt]
+        if baseline is not None:
+            have = {p.case_id for p in base_pairs}
+            lonely += [("baseline missing for", p.pred) for p in pairs if p.case_id not in have]
+        if lonely and strict:
+            kind, path = lonely[0]
+            fail(f"{path}: unmatched {kind} ({len(lonely)} unmatched file(s) in all; --strict)")
+        if not quiet:
+            _report_unmatched(lonely)
+        with _progress(quiet or len(pairs) == 1) as bar:
+            task = bar.add_task("evaluating", total=len(pairs) + len(base_pairs), info="")
+            tick = lambda row: bar.update(task, advance=1, info=row["case"])  # noqa: E731
+            result = ev.evaluate(pairs, options, tick)
+            result.unmatched_pred, result.unmatched_gt = lonely_pred, lonely_gt
+            comparison = ev.compare(result, ev.evaluate(base_pairs, options, tick)) if base_pairs else None
+        misses = ev.check_thresholds(result.summary, under, over)
+        thresholds = {"fail_under": under, "fail_over": over, "misses": misses} if (under or over) else None
+        ev.write_results(result, out, json_file, comparison, thresholds)
+    except RncaError as exc:
+        fail(str(exc))
+    if not quiet:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(result.status_counts.items()))
+        out_console = stdout
+        out_console.print(_summary_table(f"{len(result.rows)} case(s): {statuses}", result.summary))
+        if comparison:
+            from rich.table import Table
+
+            table = Table(title=f"vs baseline {baseline} ({comparison['cases']} cases)", title_justify="left")
+            for name in ("metric", "baseline", "now", "change", "improved", "same", "worse"):
+                table.add_column(name, justify="left" if name == "metric" else "right")
+            for metric, c in comparison["metrics"].items():
+                table.add_row(metric, f"{c['baseline_mean']:.4g}", f"{c['mean']:.4g}", f"{c['mean_change']:+.4g}",
+                              str(c["improved"]), str(c["same"]), str(c["worse"]))
+            out_console.print(table)
+            if "topology" in comparison:
+                t = comparison["topology"]
+                out_console.print(
+                    f"topology correct (Betti numbers equal to the ground truth's): {t['correct_baseline']} -> "
+                    f"{t['correct']} cases; repaired {t['repaired']}, broken {t['broken']}"
+                )
+        if out is not None:
+            err.print(f"wrote {out}", highlight=False)
+    if misses:
+        err.print("[bold red]thresholds missed:[/] " + "; ".join(misses), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def run() -> None:

@@ -55,7 +55,7 @@ def test_refine_png_folder(tmp_path, png_folders, model_file):
                   "--steps", 3)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png"]
-    assert "unmatched, skipped" in result.output and "extra.png" in result.output
+    assert "unmatched image, skipped" in result.output and "extra.png" in result.output
 
 
 def test_refine_nifti_folder_keeps_geometry(tmp_path, nifti_folders, model_file):

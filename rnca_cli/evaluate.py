@@ -1,0 +1,313 @@
+"""Folder evaluation: per-case metrics into CSV, summaries, baseline comparison, CI thresholds.
+
+Binarisation is the same for every mask (DESIGN §6): a mask with two values by "nonzero"; a soft
+prediction (more values, read as probability by ``rnca_cli.io.read_mask``) at ``threshold``; a
+multi-label mask only with ``label``. Ground truth must be binary (or a label map with ``label``):
+a soft ground truth is refused. Spacing comes from NIfTI header zooms (1 per axis for 2D images);
+prediction and ground truth must agree in shape and spacing (relative tolerance 1e-4).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import io
+from .errors import InputError, RncaError
+from .metrics import HIGHER_IS_BETTER, METRIC_GROUPS, case_metrics
+
+ALL_COLUMNS = (
+    "dice", "cldice", "precision", "recall", "betti0_err", "betti1_err", "betti2_err", "betti_err", "hd", "hd95", "assd",
+)
+
+
+def columns_for(which: Sequence[str]) -> list[str]:
+    """Metric columns produced by the metric groups ``which``, in CSV order."""
+    expanded = set(which) | ({"betti0_err", "betti1_err", "betti2_err", "betti_err"} if "betti" in which else set())
+    return [c for c in ALL_COLUMNS if c in expanded]
+
+
+def parse_metrics(text: str) -> list[str]:
+    """``"dice,hd95"`` -> groups; ``all`` -> every group. Raises ValueError naming unknown ones."""
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(METRIC_GROUPS)
+    unknown = [n for n in names if n not in METRIC_GROUPS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METRIC_GROUPS)}")
+    return [m for m in METRIC_GROUPS if m in names]
+
+
+def parse_thresholds(text: str | None) -> dict[str, float]:
+    """``"dice=0.8,hd95=10"`` -> {"dice": 0.8, "hd95": 10.0}; raises ValueError on bad syntax."""
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in ALL_COLUMNS:
+            raise ValueError(f"{item!r}: expected METRIC=VALUE with METRIC one of {', '.join(ALL_COLUMNS)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+    return out
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    metrics: tuple[str, ...] = METRIC_GROUPS
+    threshold: float = 0.5
+    label: int | None = None
+    jobs: int = 0  # 0: all cores
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError("threshold must be in (0, 1]")
+        if self.jobs < 0:
+            raise ValueError("jobs must be >= 0")
+
+
+@dataclass
+class Pair:
+    case_id: str
+    pred: Path
+    gt: Path
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict]  # one per case: case, status, metric columns
+    columns: list[str]
+    summary: dict[str, dict[str, float]]
+    status_counts: dict[str, int]
+    unmatched_pred: list[Path] = field(default_factory=list)
+    unmatched_gt: list[Path] = field(default_factory=list)
+
+
+# -- pairing and one case ------------------------------------------------------------------------
+
+
+def pair_files(pred: Path, gt: Path) -> tuple[list[Pair], list[Path], list[Path]]:
+    """File + file: one pair. Folder + folder: pairs by case id, plus unmatched of each side."""
+    if pred.is_dir() != gt.is_dir():
+        raise InputError(f"{pred if gt.is_dir() else gt}: --pred and --gt must both be files or both folders")
+    if not pred.is_dir():
+        for path in (pred, gt):
+            if not path.exists():
+                raise InputError(f"{path}: no such file")
+        return [Pair(io.case_id(gt), pred, gt)], [], []
+    preds = {io.case_id(p): p for p in io.list_files(pred)}
+    gts = {io.case_id(g): g for g in io.list_files(gt)}
+    pairs = [Pair(cid, preds[cid], gts[cid]) for cid in sorted(preds.keys() & gts.keys())]
+    if not pairs:
+        raise InputError(f"{pred}: no prediction has a ground truth with the same case id in {gt}")
+    return pairs, [p for c, p in sorted(preds.items()) if c not in gts], [g for c, g in sorted(gts.items()) if c not in preds]
+
+
+def _read_binary(path: Path, options: EvalOptions, ground_truth: bool) -> io.Loaded:
+    loaded = io.read_mask(path, label=options.label)
+    if ground_truth and options.label is None and not np.isin(loaded.data, (0.0, 1.0)).all():
+        raise InputError(f"{path}: ground truth is not binary (soft or several labels); pass --label N")
+    loaded.data = loaded.data >= options.threshold
+    return loaded
+
+
+def evaluate_pair(pair: Pair, options: EvalOptions) -> dict:
+    """Metrics row of one case. Raises InputError on shape or spacing mismatch."""
+    pred = _read_binary(pair.pred, options, ground_truth=False)
+    gt = _read_binary(pair.gt, options, ground_truth=True)
+    if pred.data.shape != gt.data.shape:
+        raise InputError(f"{pair.pred}: shape {pred.data.shape} differs from ground truth {pair.gt} {gt.data.shape}")
+    if not np.allclose(pred.spacing, gt.spacing, rtol=1e-4, atol=0):
+        raise InputError(f"{pair.pred}: spacing {pred.spacing} differs from ground truth {pair.gt} {gt.spacing}")
+    row = case_metrics(pred.data, gt.data, gt.spacing, options.metrics)
+    if gt.data.ndim == 2:
+        row.pop("betti2_err", None)
+    return {"case": pair.case_id, **row}
+
+
+def _run(pair_and_options):
+    pair, options = pair_and_options
+    try:
+        return evaluate_pair(pair, options)
+    except RncaError as exc:  # pickled back to the parent as a value, raised there
+        return exc
+
+
+# -- many cases ----------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict], columns: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per column: mean, std, median over valid (finite) values, their count, and the NaN count."""
+    summary = {}
+    for column in columns:
+        values = np.array([r[column] for r in rows if column in r], dtype=float)
+        valid = values[np.isfinite(values)]
+        summary[column] = {
+            "mean": float(valid.mean()) if len(valid) else math.nan,
+            "std": float(valid.std()) if len(valid) else math.nan,
+            "median": float(np.median(valid)) if len(valid) else math.nan,
+            "count": int(len(valid)),
+            "nan": int(len(values) - len(valid)),
+        }
+    return summary
+
+
+def evaluate(
+    pairs: list[Pair], options: EvalOptions, on_case: Callable[[dict], None] | None = None
+) -> Evaluation:
+    """Evaluate every pair (in parallel over ``options.jobs`` processes) in case order."""
+    jobs = options.jobs or os.cpu_count() or 1
+    work = [(p, options) for p in pairs]
+    rows: list[dict] = []
+    if jobs == 1 or len(pairs) == 1:
+        results = map(_run, work)
+        executor = None
+    else:
+        executor = ProcessPoolExecutor(max_workers=min(jobs, len(pairs)))
+        results = executor.map(_run, work)
+    try:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+            rows.append(result)
+            if on_case:
+                on_case(result)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    present = set().union(*(r.keys() for r in rows))
+    columns = [c for c in columns_for(options.metrics) if c in present]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return Evaluation(rows, columns, summarize(rows, columns), counts)
+
+
+def compare(current: Evaluation, baseline: Evaluation) -> dict:
+    """Per metric: mean change and how many cases improved / stayed / got worse; topology repairs.
+
+    Only cases present in both evaluations count. A change is "same" within 1e-9. Topology: a case
+    is topologically correct when its ``betti_err`` is 0; ``repaired`` counts cases correct now
+    but not in the baseline, ``broken`` the reverse.
+    """
+    base = {r["case"]: r for r in baseline.rows}
+    both = [(r, base[r["case"]]) for r in current.rows if r["case"] in base]
+    metrics = {}
+    for column in current.columns:
+        diffs = np.array([float(r[column]) - float(b[column]) for r, b in both], dtype=float)
+        diffs = diffs[np.isfinite(diffs)]
+        sign = 1.0 if column in HIGHER_IS_BETTER else -1.0
+        metrics[column] = {
+            "baseline_mean": baseline.summary[column]["mean"],
+            "mean": current.summary[column]["mean"],
+            "mean_change": float(diffs.mean()) if len(diffs) else math.nan,
+            "improved": int((sign * diffs > 1e-9).sum()),
+            "same": int((np.abs(diffs) <= 1e-9).sum()),
+            "worse": int((sign * diffs < -1e-9).sum()),
+        }
+    result: dict = {"cases": len(both), "metrics": metrics}
+    if "betti_err" in current.columns:
+        now = [r["betti_err"] == 0 for r, _ in both]
+        before = [b["betti_err"] == 0 for _, b in both]
+        result["topology"] = {
+            "correct_baseline": int(sum(before)),
+            "correct": int(sum(now)),
+            "repaired": int(sum(n and not b for n, b in zip(now, before))),
+            "broken": int(sum(b and not n for n, b in zip(now, before))),
+        }
+    return result
+
+
+def check_thresholds(summary: dict, under: dict[str, float], over: dict[str, float]) -> list[str]:
+    """Misses of ``mean >= under[m]`` and ``mean <= over[m]``, as readable lines."""
+    misses = []
+    for name, limit, ok, word in [(n, v, lambda m, v: m >= v, "below") for n, v in under.items()] + [
+        (n, v, lambda m, v: m <= v, "above") for n, v in over.items()
+    ]:
+        if name not in summary:
+            misses.append(f"{name}: not computed (check --metrics)")
+            continue
+        mean = summary[name]["mean"]
+        if not math.isfinite(mean):
+            misses.append(f"{name}: no valid values")
+        elif not ok(mean, limit):
+            misses.append(f"{name}: mean {mean:.4g} is {word} the limit {limit:g}")
+    return misses
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _json_safe(value):
+    """NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_fmt(v) for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def write_results(
+    ev: Evaluation, out: Path | None, json_path: Path | None, comparison: dict | None = None,
+    thresholds: dict | None = None,
+) -> list[Path]:
+    """Write ``out`` (per case), ``<out stem>_summary.csv`` and, with a baseline,
+    ``<out stem>_comparison.csv``; ``json_path`` gets the summary as JSON. All atomic."""
+    written = []
+    if out is not None:
+        header = ["case", "status", *ev.columns]
+        _write_text(out, csv_text(header, [[r.get(c, "") for c in header] for r in ev.rows]))
+        stats = ["mean", "std", "median", "count", "nan"]
+        summary_path = out.with_name(out.stem + "_summary.csv")
+        _write_text(summary_path, csv_text(["metric", *stats], [[m, *(s[k] for k in stats)] for m, s in ev.summary.items()]))
+        written += [out, summary_path]
+        if comparison:
+            keys = ["baseline_mean", "mean", "mean_change", "improved", "same", "worse"]
+            comparison_path = out.with_name(out.stem + "_comparison.csv")
+            rows = [[m, *(v[k] for k in keys)] for m, v in comparison["metrics"].items()]
+            _write_text(comparison_path, csv_text(["metric", *keys], rows))
+            written.append(comparison_path)
+    if json_path is not None:
+        payload = {
+            "cases": len(ev.rows), "status": ev.status_counts, "summary": ev.summary,
+            "unmatched_pred": [str(p) for p in ev.unmatched_pred], "unmatched_gt": [str(p) for p in ev.unmatched_gt],
+        }
+        if comparison:
+            payload["comparison"] = comparison
+        if thresholds:
+            payload["thresholds"] = thresholds
+        _write_text(json_path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+        written.append(json_path)
+    return written
+
