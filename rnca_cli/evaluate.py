@@ -9,8 +9,6 @@ prediction and ground truth must agree in shape and spacing (relative tolerance 
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import math
 import os
@@ -248,12 +246,6 @@ def check_thresholds(summary: dict, under: dict[str, float], over: dict[str, flo
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
 def _json_safe(value):
     """NaN and infinities become null (JSON has no NaN)."""
     if isinstance(value, dict):
@@ -270,14 +262,6 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[_fmt(v) for v in row] for row in rows])
-    return buffer.getvalue()
-
-
 def write_results(
     ev: Evaluation, out: Path | None, json_path: Path | None, comparison: dict | None = None,
     thresholds: dict | None = None,
@@ -287,16 +271,16 @@ def write_results(
     written = []
     if out is not None:
         header = ["case", "status", *ev.columns]
-        _write_text(out, csv_text(header, [[r.get(c, "") for c in header] for r in ev.rows]))
+        io.write_csv(out, header, [[r.get(c, "") for c in header] for r in ev.rows])
         stats = ["mean", "std", "median", "count", "nan"]
         summary_path = out.with_name(out.stem + "_summary.csv")
-        _write_text(summary_path, csv_text(["metric", *stats], [[m, *(s[k] for k in stats)] for m, s in ev.summary.items()]))
+        io.write_csv(summary_path, ["metric", *stats], [[m, *(s[k] for k in stats)] for m, s in ev.summary.items()])
         written += [out, summary_path]
         if comparison:
             keys = ["baseline_mean", "mean", "mean_change", "improved", "same", "worse"]
             comparison_path = out.with_name(out.stem + "_comparison.csv")
             rows = [[m, *(v[k] for k in keys)] for m, v in comparison["metrics"].items()]
-            _write_text(comparison_path, csv_text(["metric", *keys], rows))
+            io.write_csv(comparison_path, ["metric", *keys], rows)
             written.append(comparison_path)
     if json_path is not None:
         payload = {

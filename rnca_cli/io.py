@@ -20,13 +20,16 @@ One contract for every format (a suffix registry picks the backend):
 
 from __future__ import annotations
 
+import csv
+import io as _io
+import math
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -266,6 +269,24 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a CSV atomically; floats with 6 significant digits, NaN as ``nan``, None as empty."""
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_csv_cell(v) for v in row] for row in rows])
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return path
 
 
 def check_writable(target: Path, overwrite: bool) -> None:

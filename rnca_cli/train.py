@@ -17,8 +17,6 @@ One iteration, top to bottom (:func:`train_step`):
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -160,14 +158,28 @@ def cut_patches(image, label, coarse, patch: int, overlap: float):
 def load_dataset(
     images: str | Path, labels: str | Path, states: str | Path, config: TrainConfig, label: int | None = None
 ) -> Dataset:
-    """Pair the three folders by case id and cut training (and validation) patches."""
+    """Pair the three folders by case id and cut training (and validation) patches.
+
+    A coarse mask pairs with the case of the same id, or, failing that, ``<case>_<k>`` with case
+    ``<case>`` (the names ``rnca perturb`` writes), so one case may have several coarse masks.
+    Validation holds out whole cases, never single coarse masks of a training case.
+    """
     pairing = io.pair_folders(images, labels)
-    state_files = {io.case_id(p): p for p in io.list_files(states)}
+    known = {c.case_id for c in pairing.cases}
+    state_files: dict[str, list[Path]] = {}
+    stray = []
+    for path in io.list_files(states):
+        cid = io.case_id(path)
+        base = cid.rsplit("_", 1)[0] if "_" in cid and cid.rsplit("_", 1)[1].isdigit() else None
+        owner = cid if cid in known else base if base in known else None
+        if owner is None:
+            stray.append(path)
+        else:
+            state_files.setdefault(owner, []).append(path)
     cases = [c for c in pairing.cases if c.case_id in state_files]
     unmatched = (
         pairing.unmatched_images + pairing.unmatched_masks
-        + [c.mask for c in pairing.cases if c.case_id not in state_files]
-        + [p for cid, p in state_files.items() if cid not in {c.case_id for c in pairing.cases}]
+        + [c.mask for c in pairing.cases if c.case_id not in state_files] + stray
     )
     if not cases:
         raise InputError(f"{images}: no case has an image, a label (in {labels}) and a coarse mask (in {states})")
@@ -184,28 +196,29 @@ def load_dataset(
     return Dataset(train, val, unmatched, description)
 
 
-def _patch_set(cases: list[io.Case], state_files: dict, config: TrainConfig, label: int | None) -> PatchSet:
+def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config: TrainConfig, label: int | None) -> PatchSet:
     images, targets, coarse, ids = [], [], [], []
     channels = None
     for case in cases:
         image = io.read_images(case.images)
         target = io.read_mask(case.mask, label=label)
-        state = io.read_mask(state_files[case.case_id], label=label)
-        for loaded in (target, state):
-            if loaded.data.shape != image.data.shape[:-1]:
-                raise InputError(
-                    f"{loaded.path}: shape {loaded.data.shape} differs from image {image.path} {image.data.shape[:-1]}"
-                )
         if channels is None:
             channels = image.data.shape[-1]
         elif image.data.shape[-1] != channels:
             raise InputError(f"{image.path}: {image.data.shape[-1]} channels, earlier cases have {channels}")
-        for img2d, lab2d, st2d in _slices(image.data, target.data, state.data, config.axis):
-            for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap):
-                images.append(img_p)
-                targets.append(lab_p >= 0.5)
-                coarse.append(st_p)
-                ids.append(case.case_id)
+        for state_path in state_files[case.case_id]:
+            state = io.read_mask(state_path, label=label)
+            for loaded in (target, state):
+                if loaded.data.shape != image.data.shape[:-1]:
+                    raise InputError(
+                        f"{loaded.path}: shape {loaded.data.shape} differs from image {image.path} {image.data.shape[:-1]}"
+                    )
+            for img2d, lab2d, st2d in _slices(image.data, target.data, state.data, config.axis):
+                for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap):
+                    images.append(img_p)
+                    targets.append(lab_p >= 0.5)
+                    coarse.append(st_p)
+                    ids.append(case.case_id)
     if not images:
         raise InputError(f"{cases[0].mask.parent}: every coarse mask is empty; nothing to train on")
     return PatchSet(
@@ -292,14 +305,7 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _write_log(path: Path, rows: list[dict]) -> None:
-    columns = ["iteration", "loss", "seconds", "val_dice_before", "val_dice_after"]
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    with io.atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+LOG_COLUMNS = ("iteration", "loss", "seconds", "val_dice_before", "val_dice_after")
 
 
 def train(
@@ -352,7 +358,7 @@ def train(
         if it % config.save_every == 0 or it == config.iterations:
             provenance.update(iterations=it, train_seconds=round(elapsed, 1), final_loss=loss, **(val or {}))
             save_checkpoint(ckpt, model, provenance)
-            _write_log(out / "log.csv", rows)
+            io.write_csv(out / "log.csv", LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
         if on_progress:
             on_progress(Progress(it, config.iterations, loss, it / elapsed if elapsed > 0 else 0.0, val))
     model.eval()
