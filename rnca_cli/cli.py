@@ -316,6 +316,59 @@ def evaluate(
         raise typer.Exit(1)
 
 
+@app.command()
+def perturb(
+    labels: Annotated[Path, typer.Option(help="Folder of ground-truth masks (binary, or use --label).")],
+    out: Annotated[Path, typer.Option(help="Output folder: <case>_<k> masks and manifest.csv.")],
+    n: Annotated[int, typer.Option(help="Corrupted masks per label.")] = 3,
+    ops: Annotated[str, typer.Option(help="Recipe: name:probability[:key=value...], comma separated.")] = "breaks:0.5,holes:0.3,specks:0.3,erode:0.2",
+    keep: Annotated[float, typer.Option(help="Share of outputs left untouched (prevents over-refinement).")] = 0.1,
+    label: Annotated[Optional[int], typer.Option(help="Use this label of multi-label masks.")] = None,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Make realistic coarse masks from ground truth, to train a refiner on."""
+    from .perturb import perturb_folder
+
+    try:
+        with _progress(quiet) as bar:
+            task = bar.add_task("perturbing", total=None, info="")
+            written = perturb_folder(labels, out, n, ops, keep, seed, label, overwrite,
+                                     lambda p: bar.update(task, advance=1, info=p.name))
+    except RncaError as exc:
+        fail(str(exc))
+    if not quiet:
+        err.print(f"wrote {len(written)} masks and {out / 'manifest.csv'}", highlight=False)
+
+
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Option(help="vessels, rings or blobs.")],
+    out: Annotated[Path, typer.Option(help="Output folder: images/, labels/, states/, manifest.csv.")],
+    n: Annotated[int, typer.Option(help="Number of cases.")] = 500,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    ops: Annotated[Optional[str], typer.Option(help="Recipe for the coarse masks (default: one per kind; see README).")] = None,
+    keep: Annotated[float, typer.Option(help="Share of coarse masks left equal to the ground truth.")] = 0.0,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write preview.png, a contact sheet of 16 cases.")] = False,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a synthetic dataset (image, ground truth, coarse mask per case) for tutorials and training."""
+    from .synth import write_dataset
+
+    try:
+        with _progress(quiet) as bar:
+            task = bar.add_task(f"synth {kind}", total=n, info="")
+            write_dataset(kind, n, size, out, seed, ops, keep, preview, overwrite,
+                          lambda c: bar.update(task, advance=1, info=c.case_id))
+    except RncaError as exc:
+        fail(str(exc))
+    if not quiet:
+        err.print(f"wrote {n} {kind} cases to {out}" + (f" and {out / 'preview.png'}" if preview else ""), highlight=False)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()
