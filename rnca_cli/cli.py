@@ -69,6 +69,18 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto takes
 Seed = Annotated[int, typer.Option(help="Seed of every random draw (the update masks included).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that already exist.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")]
+Threads = Annotated[
+    int, typer.Option(help="CPU threads for PyTorch (0: all cores). Use 1 per process when running several at once.")
+]
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    if threads < 0:
+        fail(f"--threads {threads}: expected 0 (all cores) or a positive count")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 @app.command()
@@ -97,10 +109,13 @@ def train(
     axis: Annotated[int, typer.Option(help="NIfTI volumes are cut into 2D slices along this axis.")] = 2,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a refiner on images, ground truths and coarse masks (pool training, paper §3.3)."""
+    from dataclasses import replace as with_fields
+
     from .device import resolve_device
     from .model import ModelConfig
     from .train import TrainConfig, load_dataset, train as run_training
@@ -111,17 +126,14 @@ def train(
             lr=lr, clip=clip, patch=patch, overlap=overlap, val_cases=val_cases, val_every=val_every,
             save_every=save_every, axis=axis, seed=seed,
         )
+        model_config = ModelConfig(channels=channels, hidden=hidden, fire_rate=fire_rate)
     except ValueError as exc:
         fail(str(exc))
+    _set_threads(threads)
     try:
         torch_device = resolve_device(device)
         data = load_dataset(images, labels, states, config, label=label)
-        try:
-            model_config = ModelConfig(
-                channels=channels, hidden=hidden, fire_rate=fire_rate, image_channels=data.train.images.shape[1]
-            )
-        except ValueError as exc:
-            fail(str(exc))
+        model_config = with_fields(model_config, image_channels=data.train.images.shape[1])
         if not quiet:
             err.print(f"{data.description}; device {torch_device}")
             _report_unmatched([("file, not used", p) for p in data.unmatched])
@@ -158,6 +170,7 @@ def refine(
     batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass.")] = 16,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
@@ -173,6 +186,7 @@ def refine(
                                 save_prob=save_prob, batch=batch, overwrite=overwrite)
     except ValueError as exc:
         fail(str(exc))
+    _set_threads(threads)
     try:
         if image.is_dir() or mask.is_dir():
             if not (image.is_dir() and mask.is_dir()):

@@ -26,3 +26,7 @@ class CheckpointError(RncaError):
 
 class DeviceError(RncaError):
     """The requested compute device is not available."""
+
+
+class TrainingError(RncaError):
+    """Training cannot go on (the loss became NaN or infinite)."""

@@ -84,7 +84,7 @@ class ModelConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ModelConfig: {message} (got {self})")
+                raise ValueError(f"ModelConfig: {message}")
 
     def to_dict(self) -> dict:
         return asdict(self)

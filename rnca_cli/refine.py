@@ -152,10 +152,13 @@ class CaseResult:
 
 
 def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOptions) -> list[Job]:
-    """Job for one file pair; default output ``<mask stem>_refined<suffix>`` beside the mask."""
+    """Job for one file pair. Output: ``out``; ``out/<case><suffix>`` if ``out`` is a folder;
+    by default ``<mask stem>_refined<suffix>`` beside the mask."""
     cid = io.case_id(mask)
     if out is None:
         out = mask.with_name(f"{cid}_refined{io.output_suffix(mask)}")
+    elif out.is_dir():
+        out = out / f"{cid}{io.output_suffix(mask)}"
     _check_output_suffix(out, mask)
     prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
     jobs = [Job(cid, [image], mask, out, prob)]

@@ -29,7 +29,7 @@ import torch
 from . import io
 from .checkpoint import save_checkpoint
 from .device import make_generator
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
 from .model import RNCA, ModelConfig, visible
 
@@ -345,7 +345,10 @@ def train(
     for it in range(1, config.iterations + 1):
         loss = train_step(model, opt, pool, config, index_gen, step_gen)
         if not math.isfinite(loss):
-            raise RuntimeError(f"training diverged at iteration {it} (loss {loss}); try a smaller --lr")
+            raise TrainingError(
+                f"{out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
+                "try a smaller --lr"
+            )
         elapsed = time.perf_counter() - start
         row = {"iteration": it, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.2f}"}
         val = None

@@ -147,3 +147,25 @@ def test_module_entry_point():
 
     done = subprocess.run([sys.executable, "-m", "rnca_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("rnca ")
+
+
+def test_threads_option_is_applied_and_validated(png_folders, model_file, tmp_path):
+    import torch
+
+    images, masks = png_folders
+    before = torch.get_num_threads()
+    try:
+        args = ["refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--model", model_file,
+                "--steps", 2, "-q"]
+        assert rnca(*args, "--out", tmp_path / "a.png", "--threads", 1).exit_code == 0
+        assert torch.get_num_threads() == 1
+        bad = rnca(*args, "--out", tmp_path / "b.png", "--threads", -2)
+        assert bad.exit_code == 1 and "--threads -2" in bad.output and not (tmp_path / "b.png").exists()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_refuses_bad_model_options_before_reading_data(tmp_path):
+    result = rnca("train", "--images", tmp_path / "nowhere", "--labels", tmp_path, "--states", tmp_path,
+                  "--out", tmp_path / "r", "--fire-rate", 2)
+    assert result.exit_code == 1 and "fire_rate must be in [0, 1]" in result.output

@@ -105,3 +105,11 @@ def test_shape_mismatch_is_found_from_headers_before_writing(tmp_path, png_folde
     with pytest.raises(InputError, match=r"case1.png: mask shape \(10, 10\) differs from image"):
         rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions())
     assert not (tmp_path / "out").exists()
+
+
+def test_single_output_into_an_existing_folder(tmp_path, model, png_folders):
+    images, masks = png_folders
+    (tmp_path / "dest").mkdir()
+    jobs = rf.plan_single(images / "case0.png", masks / "case0.png", tmp_path / "dest", rf.RefineOptions(steps=2))
+    rf.run_jobs(model, jobs, rf.RefineOptions(steps=2))
+    assert (tmp_path / "dest" / "case0.png").exists()

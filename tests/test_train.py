@@ -132,3 +132,17 @@ def test_existing_run_is_not_overwritten(tmp_path):
 def test_invalid_train_config_is_refused(bad):
     with pytest.raises(ValueError):
         tr.TrainConfig(**bad)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from rnca_cli.errors import TrainingError
+
+    folders = make_folders(tmp_path, n=2)
+    config = tr.TrainConfig(iterations=5, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32, save_every=2)
+    data = tr.load_dataset(*folders, config)
+    losses = iter([0.5, 0.4, 0.3, float("nan"), 0.1])
+    monkeypatch.setattr(tr, "train_step", lambda *args: next(losses))
+    with pytest.raises(TrainingError, match="diverged at iteration 4"):
+        tr.train(data, tmp_path / "run", config, SMALL)
+    _, provenance = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert provenance["iterations"] == 2
