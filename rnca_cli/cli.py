@@ -168,6 +168,7 @@ def refine(
     label: Annotated[Optional[int], typer.Option(help="Refine this label of a multi-label mask; others are kept.")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI volumes are refined slice by slice along this axis.")] = 2,
     batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass.")] = 16,
+    tile: Annotated[int, typer.Option(help="Larger images are refined in tiles of this side (exact halo).")] = 768,
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -183,7 +184,7 @@ def refine(
 
     try:
         options = RefineOptions(steps=steps, threshold=threshold, seed=seed, axis=axis, label=label,
-                                save_prob=save_prob, batch=batch, overwrite=overwrite)
+                                save_prob=save_prob, batch=batch, tile=tile, overwrite=overwrite)
     except ValueError as exc:
         fail(str(exc))
     _set_threads(threads)

@@ -9,8 +9,9 @@ channels 1..K-1 are latent and start at zero. One step (paper Section 3.2, Appen
    this is done once per rollout);
 3. a per-pixel MLP ``[state features, image features] -> hidden -> ReLU -> K`` gives an update
    ``ds``; the last layer starts at zero, so an untrained model leaves the state unchanged;
-4. each cell applies its update with probability ``fire_rate`` (a Bernoulli mask drawn from the
-   caller's ``torch.Generator``), ``s <- s + ds * mask``;
+4. each cell applies its update with probability ``fire_rate``, ``s <- s + ds * mask``; the
+   Bernoulli mask comes from a counter-based hash of (seed, step, pixel) (:class:`FireNoise`), with
+   seeds drawn from the caller's ``torch.Generator``;
 5. a cell whose 3x3 neighbourhood has visible value >= ``alive_threshold`` neither before nor
    after the update has its whole state set to zero.
 
@@ -151,40 +152,32 @@ class RNCA(nn.Module):
             pooled = F.max_pool2d(visible.contiguous(), 3, stride=1, padding=1)
             return pooled >= self.config.alive_threshold
 
-    def fire_mask(self, shape: tuple[int, ...], device: torch.device, generator: Generators) -> torch.Tensor:
-        """(B, 1, H, W) bool: which cells apply their update this step.
+    def fire_mask(self, noise: "FireNoise", t: int) -> torch.Tensor | None:
+        """(B, 1, H, W) bool: which cells apply their update in step ``t`` (None: all of them)."""
+        if self.config.fire_rate >= 1.0:
+            return None
+        return noise.uniform(t) < self.config.fire_rate
 
-        ``generator`` is one generator for the batch, or a sequence with one per sample; the
-        latter makes each sample's draws independent of the batch it is in.
+    def step(self, state: torch.Tensor, image_term: torch.Tensor, noise: "FireNoise", t: int) -> torch.Tensor:
+        """Update ``t`` of a rollout. state: (B, K, H, W) channels_last; image_term from :meth:`image_term`.
+
+        This is the reference formulation (and the one training differentiates through);
+        ``rnca_cli.inference`` runs the same rule faster, in place and skipping dead blocks.
         """
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != shape[0]:
-                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-            draw = torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device) for g in generator])
-        else:
-            draw = torch.rand(shape, generator=generator, device=device)
-        return draw < self.config.fire_rate
-
-    def step(
-        self,
-        state: torch.Tensor,
-        image_term: torch.Tensor,
-        generator: Generators = None,
-    ) -> torch.Tensor:
-        """One update. state: (B, K, H, W) channels_last; image_term from :meth:`image_term`."""
         b, k, h, w = state.shape
         pre_alive = self.alive(state[:, :1])  # (B, 1, H, W)
         feats = F.conv2d(state, self.state_filters, padding=1, groups=k)  # (B, F*K, H, W)
         feats = feats.permute(0, 2, 3, 1).reshape(-1, self.n_features)  # (B*H*W, F*K), a view
-        delta = self._mlp(feats, image_term)  # (B*H*W, K)
+        delta = self.mlp(feats, image_term)  # (B*H*W, K)
         delta = delta.view(b, h, w, k).permute(0, 3, 1, 2)  # (B, K, H, W), channels_last view
-        if self.config.fire_rate < 1.0:
-            delta = delta * self.fire_mask((b, 1, h, w), state.device, generator).to(delta.dtype)
+        fire = self.fire_mask(noise, t)
+        if fire is not None:
+            delta = delta * fire.to(delta.dtype)
         state = state + delta
         keep = pre_alive & self.alive(state[:, :1])  # (B, 1, H, W)
         return state * keep.to(state.dtype)
 
-    def _mlp(self, feats: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
+    def mlp(self, feats: torch.Tensor, image_term: torch.Tensor) -> torch.Tensor:
         """Per-pixel MLP: (N, F*K) state features + (N, hidden) image term -> (N, K) update."""
         w1, w2, b2 = self.fc1_state.weight.t(), self.fc2.weight.t(), self.fc2.bias
         if torch.is_grad_enabled() and (w1.requires_grad or feats.requires_grad):
@@ -209,6 +202,7 @@ class RNCA(nn.Module):
         steps: int,
         generator: Generators = None,
         record: bool = False,
+        seeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``steps`` updates from a mask.
 
@@ -216,19 +210,24 @@ class RNCA(nn.Module):
             image: (B, C, H, W) conditioning image in [0, 1].
             mask: (B, H, W) initial mask as probability in [0, 1].
             steps: number of updates.
-            generator: source of the stochastic update masks: one generator, or one per sample;
-                pass seeded ones for reproducible results (on the same device as the tensors).
+            generator: draws the per-sample noise seeds: one generator for the batch, or one per
+                sample (then a sample's result does not depend on its batch). Ignored if ``seeds``.
             record: also return the visible channel after every step.
+            seeds: (B,) int64 noise seeds, used as given (see :class:`FireNoise`).
 
         Returns:
             (final state (B, K, H, W), visible channel per step (steps, B, H, W) or None).
             The visible channel is not clamped here; see :func:`visible`.
         """
+        b, _, h, w = image.shape
+        if seeds is None:
+            seeds = draw_seeds(b, image.device, generator)
+        noise = FireNoise(seeds.to(image.device), (h, w))
         state = self.initial_state(mask)
         term = self.image_term(image)
         history = []
-        for _ in range(steps):
-            state = self.step(state, term, generator)
+        for t in range(steps):
+            state = self.step(state, term, noise, t)
             if record:
                 history.append(state[:, 0])
         return state, (torch.stack(history) if record else None)
@@ -237,6 +236,59 @@ class RNCA(nn.Module):
         """Refined probability (B, H, W) after ``steps`` updates."""
         state, _ = self.rollout(image, mask, steps, generator)
         return visible(state)
+
+
+# -- stochastic updates --------------------------------------------------------------------------
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 products wrap).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+class FireNoise:
+    """Per-cell uniform numbers u(seed, t, y, x) in [0, 1), from a counter-based hash (splitmix64).
+
+    A cell's draw depends only on its sample's seed, the step and its *global* coordinates
+    (``origin`` + position), not on the batch, the tile, or the order of draws. So a tile of an
+    image refines exactly like the same pixels of the whole image, a case refines the same in any
+    batch, and CPU and CUDA draw identical masks. Coordinates and steps must be below 2^20.
+    """
+
+    def __init__(self, seeds: torch.Tensor, shape: tuple[int, int], origin: tuple[int, int] = (0, 0)):
+        h, w = shape
+        device = seeds.device
+        ys = torch.arange(origin[0], origin[0] + h, device=device, dtype=torch.int64)
+        xs = torch.arange(origin[1], origin[1] + w, device=device, dtype=torch.int64)
+        cell = (ys[:, None] << 20) | xs[None, :]  # (H, W)
+        self._base = cell[None] + _splitmix(seeds.to(torch.int64).view(-1, 1, 1) + _GOLDEN)  # (B, H, W)
+
+    def uniform(self, t: int) -> torch.Tensor:
+        """(B, 1, H, W) float32 in [0, 1) for step ``t``."""
+        z = _splitmix(self._base + (t << 40))
+        return (_shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))).unsqueeze(1)
+
+
+def draw_seeds(batch: int, device: torch.device | str, generator: Generators = None) -> torch.Tensor:
+    """(B,) int64 noise seeds drawn from one generator, or one per sample from a sequence."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        seeds = [torch.randint(0, 1 << 62, (1,), generator=g, device=g.device) for g in generator]
+        return torch.cat(seeds).to(device)
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 1 << 62, (batch,), generator=generator, device=gen_device).to(device)
 
 
 def visible(state: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,12 @@
 
 Decisions a user can rely on (also in the README):
 
-* **Reproducible.** Every 2D case (and every slice k of a volume) draws its stochastic update masks
-  from its own generator seeded with ``seed`` (``seed + k`` for slice k). A case therefore refines
-  to the same mask alone, in a folder, or in any batch size.
+* **Reproducible.** The stochastic update masks of a 2D case (or of slice k of a volume) are a
+  hash of ``seed`` (``seed + k`` for slice k), the step and the pixel position
+  (:class:`rnca_cli.model.FireNoise`). A case therefore refines to the same mask alone, in a folder,
+  in any batch size, and tiled or not.
+* **Bounded memory.** Images larger than ``tile`` pixels on a side are refined tile by tile with an
+  exact halo (:mod:`rnca_cli.inference`).
 * **Image channels.** A model trained on gray images given an RGB image uses its luminance
   (0.299 R + 0.587 G + 0.114 B); a model trained on RGB given a gray image sees the gray value in
   all three channels. Other mismatches are refused.
@@ -24,10 +27,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import io
-from .device import make_generator
+from . import inference, io
 from .errors import InputError, OutputError
-from .model import RNCA, visible
+from .inference import BLOCK, DEFAULT_TILE, refine_image
+from .model import RNCA
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -50,19 +53,22 @@ def _model_device(model: RNCA) -> torch.device:
 
 @torch.no_grad()
 def refine_batch(
-    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int]
+    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int], tile: int = DEFAULT_TILE
 ) -> np.ndarray:
     """Refine a batch of equal-size 2D cases.
 
     images: (B, H, W, C) float in [0, 1] with the model's channel count; masks: (B, H, W) in [0, 1];
-    seeds: one per case. Returns (B, H, W) float32 probability.
+    seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
+    through the model together; larger ones are refined tile by tile (same result, bounded memory).
     """
+    b, h, w = masks.shape
+    if max(h, w) > tile:
+        return np.stack([refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile) for i in range(b)])
     device = _model_device(model)
     image = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).permute(0, 3, 1, 2)
     mask = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(device)  # (B, H, W)
-    generators = [make_generator(device, int(s)) for s in seeds]
-    state, _ = model.rollout(image, mask, steps, generators)
-    return visible(state).float().cpu().numpy()
+    seed_tensor = torch.tensor([int(x) for x in seeds], dtype=torch.int64, device=device)
+    return inference.rollout(model, image, mask, steps, seed_tensor).float().cpu().numpy()
 
 
 def refine_array(
@@ -73,6 +79,7 @@ def refine_array(
     seed: int = 0,
     axis: int = 2,
     batch: int = 16,
+    tile: int = DEFAULT_TILE,
 ) -> np.ndarray:
     """Refine one mask; returns the refined probability map (threshold it with ``>= 0.5``).
 
@@ -84,6 +91,8 @@ def refine_array(
         seed: seed of the stochastic updates (same seed, same result).
         axis: for 3D, the axis the volume is sliced along.
         batch: for 3D, slices per forward pass.
+        tile: images (or slices) larger than this are refined in tiles of this size with an exact
+            halo, bounding memory; the result is the same.
     """
     mask = np.asarray(mask, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -95,7 +104,7 @@ def refine_array(
         raise InputError("mask values must lie in [0, 1]")
     image = match_channels(image, model.config.image_channels)
     if mask.ndim == 2:
-        return refine_batch(model, image[None], mask[None], steps, [seed])[0]
+        return refine_batch(model, image[None], mask[None], steps, [seed], tile)[0]
     # 3D: slices along `axis` become a batch of 2D cases.
     img_slices = np.moveaxis(image, axis, 0)  # (S, A, B, C)
     mask_slices = np.moveaxis(mask, axis, 0)  # (S, A, B)
@@ -103,7 +112,7 @@ def refine_array(
     for start in range(0, len(mask_slices), batch):
         rows = slice(start, start + batch)
         seeds = [seed + k for k in range(start, min(start + batch, len(mask_slices)))]
-        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds)
+        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile)
     return np.moveaxis(out, 0, axis)
 
 
@@ -119,6 +128,7 @@ class RefineOptions:
     label: int | None = None
     save_prob: bool = False
     batch: int = 16
+    tile: int = DEFAULT_TILE
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -130,6 +140,8 @@ class RefineOptions:
             raise ValueError("axis must be 0, 1 or 2")
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.tile < BLOCK:
+            raise ValueError(f"tile must be >= {BLOCK}")
 
 
 @dataclass
@@ -250,7 +262,7 @@ def run_jobs(
             return
         images = np.stack([img for _, _, img in pending])
         masks = np.stack([m.data for _, m, _ in pending])
-        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending))
+        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile)
         for (job, mask, _), prob in zip(pending, probs):
             results.append(_write(job, mask, prob, options))
             if on_case:
@@ -261,7 +273,9 @@ def run_jobs(
         image, mask, image_data = _load(job, model, options)
         if mask.is_volume:
             flush()
-            prob = refine_array(model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch)
+            prob = refine_array(
+                model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile
+            )
             results.append(_write(job, mask, prob, options))
             if on_case:
                 on_case(results[-1])

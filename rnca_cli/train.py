@@ -31,7 +31,7 @@ from .checkpoint import save_checkpoint
 from .device import make_generator
 from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
-from .model import RNCA, ModelConfig, visible
+from .model import RNCA, FireNoise, ModelConfig, draw_seeds, visible
 
 
 @dataclass(frozen=True)
@@ -262,10 +262,11 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     term = model.image_term(image)  # (B*P*P, hidden), constant over the rollout
+    noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
     at_t_star = state.detach().clone()
     loss = state.new_zeros(())
     for t in range(1, int(t_star.max()) + 1):
-        state = model.step(state, term, step_gen)
+        state = model.step(state, term, noise, t - 1)
         hit = t_star == t  # (B,)
         if hit.any():
             loss = loss + ((state[hit, 0] - target[hit]) ** 2).mean(dim=(1, 2)).sum()

@@ -169,3 +169,15 @@ def test_train_refuses_bad_model_options_before_reading_data(tmp_path):
     result = rnca("train", "--images", tmp_path / "nowhere", "--labels", tmp_path, "--states", tmp_path,
                   "--out", tmp_path / "r", "--fire-rate", 2)
     assert result.exit_code == 1 and "fire_rate must be in [0, 1]" in result.output
+
+
+def test_tiled_refine_writes_the_same_mask(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    common = ["refine", "--image", images / "case1.png", "--mask", masks / "case1.png", "--model", model_file,
+              "--steps", 3, "--save-prob", "-q"]
+    assert rnca(*common, "--out", tmp_path / "whole.png").exit_code == 0
+    assert rnca(*common, "--out", tmp_path / "tiled.png", "--tile", 16).exit_code == 0
+    for name in ("whole", "tiled"):
+        assert (tmp_path / f"{name}_prob.png").exists()
+    assert (tmp_path / "whole_prob.png").read_bytes() == (tmp_path / "tiled_prob.png").read_bytes()
+    assert rnca(*common, "--out", tmp_path / "x.png", "--tile", 4).exit_code == 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import RNCA, ModelConfig, count_parameters, visible
+from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, visible
 
 from conftest import tiny_model
 
@@ -48,7 +48,7 @@ def test_alive_masking_zeroes_dead_cells():
     state[0, :, 2:4, 2:4] = 0.9  # a live blob in one corner
     state[0, 1:, 12, 12] = 5.0  # latent values in a cell whose visible neighbourhood is empty
     state = state.contiguous(memory_format=torch.channels_last)
-    out = model.step(state, model.image_term(image), torch.Generator().manual_seed(0))
+    out = model.step(state, model.image_term(image), FireNoise(torch.tensor([0]), (16, 16)), 0)
     pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= 0.1
     dead = ~pre[0, 0]
     assert dead[12, 12]
@@ -86,7 +86,7 @@ def test_per_sample_generators_make_a_case_independent_of_its_batch():
     assert torch.allclose(batched[1], alone[0], atol=1e-6)
 
 
-def reference_step(model: RNCA, state, image, draw):
+def reference_step(model: RNCA, state, image, fire):
     """The paper's formulation written plainly: NCHW convs, image features concatenated each step."""
     k = model.config.channels
     f_state = F.conv2d(state, model.state_filters, padding=1, groups=k)
@@ -96,7 +96,7 @@ def reference_step(model: RNCA, state, image, draw):
     hidden = torch.relu(F.conv2d(feats, w1[:, :, None, None], model.fc1_image.bias))
     delta = F.conv2d(hidden, model.fc2.weight[:, :, None, None], model.fc2.bias)
     pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= model.config.alive_threshold
-    new = state + delta * (draw < model.config.fire_rate)
+    new = state + delta * fire
     post = F.max_pool2d(new[:, :1], 3, 1, 1) >= model.config.alive_threshold
     return new * (pre & post)
 
@@ -108,12 +108,33 @@ def test_hoisted_image_term_equals_concatenating_image_features(grad):
     state = model.initial_state(mask)
     ref = state.contiguous()
     term = model.image_term(image)
+    noise = FireNoise(torch.tensor([1, 2]), (12, 10))
     with torch.set_grad_enabled(grad):
         for step in range(10):
-            g1, g2 = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
-            state = model.step(state, term, g1)
-            ref = reference_step(model, ref, image, torch.rand(2, 1, 12, 10, generator=g2))
+            state = model.step(state, term, noise, step)
+            ref = reference_step(model, ref, image, model.fire_mask(noise, step))
     assert torch.allclose(state, ref, atol=1e-5)
+
+
+def test_fire_noise_is_uniform_deterministic_and_tile_consistent():
+    noise = FireNoise(torch.tensor([0, 1]), (64, 64))
+    u = noise.uniform(0)
+    assert u.shape == (2, 1, 64, 64) and 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.02 and abs(float((u < 0.5).float().mean()) - 0.5) < 0.02
+    assert torch.equal(u, noise.uniform(0)) and not torch.equal(u, noise.uniform(1))
+    assert not torch.equal(u[0], u[1])
+    tile = FireNoise(torch.tensor([0, 1]), (10, 12), origin=(20, 30)).uniform(7)
+    assert torch.equal(tile, noise.uniform(7)[:, :, 20:30, 30:42])
+
+
+def test_seeds_from_generators():
+    a = draw_seeds(3, "cpu", torch.Generator().manual_seed(0))
+    b = draw_seeds(3, "cpu", torch.Generator().manual_seed(0))
+    assert a.dtype == torch.int64 and torch.equal(a, b) and len(set(a.tolist())) == 3
+    per_sample = draw_seeds(2, "cpu", [torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)])
+    assert per_sample[0] == per_sample[1]
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        draw_seeds(3, "cpu", [torch.Generator(), torch.Generator()])
 
 
 def test_zero_initialised_last_layer_leaves_state_unchanged_on_first_step():
@@ -121,7 +142,7 @@ def test_zero_initialised_last_layer_leaves_state_unchanged_on_first_step():
     image, _ = inputs()
     mask = torch.full((2, 12, 10), 0.7)  # every cell alive before and after
     state = model.initial_state(mask)
-    out = model.step(state, model.image_term(image), torch.Generator().manual_seed(0))
+    out = model.step(state, model.image_term(image), FireNoise(torch.tensor([0, 0]), (12, 10)), 0)
     assert torch.equal(out, state)
 
 

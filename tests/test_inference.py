@@ -1,0 +1,85 @@
+"""The fast inference engine agrees exactly with the reference rule: dense, sparse and tiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rnca_cli import inference
+from rnca_cli.model import visible
+
+from conftest import ring, tiny_model
+
+
+def pruning_model(seed=0):
+    """A model whose visible channel drains where the mask does not hold it: most cells die."""
+    model = tiny_model(seed)
+    with torch.no_grad():
+        model.fc2.bias[0] = -0.15
+    return model
+
+
+def small_object(size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((size, size), np.float32)
+    mask[10:42, 30:62] = ring(32, 10, 3)
+    return rng.random((size, size, 1)).astype(np.float32), mask
+
+
+def reference(model, image, mask, steps, seed):
+    img = torch.from_numpy(image).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        state, _ = model.rollout(img, torch.from_numpy(mask)[None], steps, seeds=torch.tensor([seed]))
+    return visible(state)[0].numpy()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (40, 37), (17, 50)])
+def test_dense_and_sparse_equal_the_reference(shape):
+    model = pruning_model()
+    rng = np.random.default_rng(1)
+    image = rng.random((*shape, 1)).astype(np.float32)
+    mask = (rng.random(shape) > 0.8).astype(np.float32)
+    ref = reference(model, image, mask, 20, 3)
+    img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
+    for sparse in (False, True):
+        out = inference.rollout(model, img, msk, 20, torch.tensor([3]), sparse=sparse)[0].numpy()
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_sparse_steps_run_and_agree_when_little_is_alive():
+    model = pruning_model()
+    image, mask = small_object()
+    img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
+    stats = {}
+    out = inference.rollout(model, img, msk, 30, torch.tensor([2]), stats=stats)[0].numpy()
+    assert stats["sparse_steps"] > 10  # the point of the test: the gathered path really ran
+    np.testing.assert_allclose(out, reference(model, image, mask, 30, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [16, 40])
+def test_tiled_equals_untiled(tile):
+    model = pruning_model(1)
+    image, mask = small_object(size=70)
+    steps = 6
+    untiled = reference(model, image, mask, steps, 4)
+    tiled = inference.refine_image(model, image, mask, steps, 4, tile=tile)
+    assert len(inference.tiles(70, tile, inference.halo(steps))) > 1
+    np.testing.assert_allclose(tiled, untiled, atol=1e-5)
+
+
+def test_batched_cases_equal_single_cases():
+    model = pruning_model()
+    images = np.random.default_rng(0).random((3, 32, 32, 1)).astype(np.float32)
+    masks = np.stack([ring(32), ring(32, gap=True), ring(32, 6, 2)]).astype(np.float32)
+    img, msk = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(masks)
+    batch = inference.rollout(model, img, msk, 8, torch.tensor([7, 7, 7]))
+    alone = inference.rollout(model, img[1:2], msk[1:2], 8, torch.tensor([7]))
+    torch.testing.assert_close(batch[1], alone[0], atol=1e-6, rtol=0)
+
+
+def test_halo_and_tiles_cover_the_axis():
+    assert inference.halo(64) == 129
+    spans = inference.tiles(100, 40, 9)
+    assert [(a, b) for a, b, _, _ in spans] == [(0, 40), (40, 80), (80, 100)]
+    assert spans[1][2:] == (31, 89)
