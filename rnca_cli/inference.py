@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, visible
+from .model import RNCA, FireNoise, max3x3, visible
 
 BLOCK = 16
 SPARSE_BELOW = 0.5  # use the block-sparse step when fewer than this share of blocks is needed
@@ -71,11 +71,11 @@ def rollout(
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0}
 
     for t in range(steps):
-        pre = F.max_pool2d(buf[:, :1].contiguous(), 3, stride=1) >= cfg.alive_threshold  # (B, 1, Hp, Wp)
+        pre = (max3x3(buf[:, 0]) >= cfg.alive_threshold).unsqueeze(1)  # (B, 1, Hp, Wp); the ring pads
         fire = model.fire_mask(noise, t)
         fire = inside if fire is None else fire & inside  # (B or 1, 1, Hp, Wp)
-        need = F.max_pool2d(pre.to(image.dtype), 3, stride=1, padding=1)  # within 1 px of pre-alive
-        active = F.max_pool2d(need, s, stride=s)[:, 0] > 0  # (B, nby, nbx)
+        need = max3x3(F.pad(pre[:, 0], (1, 1, 1, 1)))  # (B, Hp, Wp): within 1 px of a pre-alive cell
+        active = need.view(b, nby, s, nbx, s).any(dim=4).any(dim=2)  # (B, nby, nbx)
         share = float(active.float().mean())
         counts["block_share"] += share / max(steps, 1)
         if use_sparse and share < SPARSE_BELOW:
@@ -92,7 +92,7 @@ def rollout(
 
 def _post_keep(model: RNCA, buf: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """pre & (3x3 max of the tentative visible channel >= threshold), (B, 1, Hp, Wp)."""
-    post = F.max_pool2d(buf[:, :1].contiguous(), 3, stride=1) >= model.config.alive_threshold
+    post = (max3x3(buf[:, 0]) >= model.config.alive_threshold).unsqueeze(1)
     return pre & post
 
 

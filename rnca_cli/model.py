@@ -26,6 +26,7 @@ Layout and the one piece of algebra that makes this fast (both exact):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence, Union
 
@@ -145,12 +146,12 @@ class RNCA(nn.Module):
     def alive(self, visible: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) visible -> (B, 1, H, W) bool: 3x3 max >= alive_threshold.
 
-        A boolean needs no gradient; outside autograd max_pool2d skips its argmax indices
-        (3.5 ms -> 0.6 ms per call for 16 x 64 x 64 on the 2-core dev machine).
+        A boolean needs no gradient, so it is computed outside autograd with :func:`max3x3`
+        (CPU max_pool2d computes argmax indices even then: 2.1 ms per call for 16 x 66 x 66).
         """
         with torch.no_grad():
-            pooled = F.max_pool2d(visible.contiguous(), 3, stride=1, padding=1)
-            return pooled >= self.config.alive_threshold
+            padded = F.pad(visible[:, 0], (1, 1, 1, 1), value=-math.inf)  # (B, H+2, W+2)
+            return (max3x3(padded) >= self.config.alive_threshold).unsqueeze(1)
 
     def fire_mask(self, noise: "FireNoise", t: int) -> torch.Tensor | None:
         """(B, 1, H, W) bool: which cells apply their update in step ``t`` (None: all of them)."""
@@ -289,6 +290,15 @@ def draw_seeds(batch: int, device: torch.device | str, generator: Generators = N
         return torch.cat(seeds).to(device)
     gen_device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 1 << 62, (batch,), generator=generator, device=gen_device).to(device)
+
+
+def max3x3(v: torch.Tensor) -> torch.Tensor:
+    """Valid 3x3 maximum of (B, H, W) -> (B, H-2, W-2), as two separable passes of elementwise max.
+
+    Exact (max has no rounding) and several times cheaper than max_pool2d on CPU.
+    """
+    rows = torch.maximum(torch.maximum(v[:, :-2], v[:, 1:-1]), v[:, 2:])  # (B, H-2, W)
+    return torch.maximum(torch.maximum(rows[:, :, :-2], rows[:, :, 1:-1]), rows[:, :, 2:])
 
 
 def visible(state: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""Speed and memory of rnca's inference and training, as ratios against a straightforward rNCA.
+
+    python benchmarks/speed.py [--quick] [--json benchmarks/speed.json]
+
+Everything is measured in one run, on this machine, side by side:
+
+* ``straightforward``: the rNCA as the paper writes it, kept here on purpose: NCHW tensors,
+  perception by convolutions, the image features concatenated to the state features at every step
+  and the MLP as two 1x1 convolutions, update masks drawn per step, the alive test by max pooling.
+  It shares the weights and the update-mask draws of the model under test, so outputs can be
+  compared exactly.
+* ``rnca``: ``rnca_cli.inference.rollout`` (in-place buffer, hoisted image term, channels-last
+  GEMM in cache-sized chunks, block-sparse steps) for inference, and ``RNCA.step`` with autograd
+  for training (``rnca_cli.train.train_step``'s path).
+
+Rows: inference ms per 64x64 image per step (batch 16, 64 steps); training seconds per iteration
+(batch 16, 64 steps, backward); one 584x565 image, 64 steps; a 512x512 image with one small ring,
+where most of the image dies (cost vs alive share); peak RSS of refining a 4096x4096 image and a
+256^3 volume (child processes; the straightforward formulation at 1024x1024, since at 4096x4096 it
+needs tens of GB); the float32 GEMM rate and the share of it the per-pixel MLP reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rnca_cli import inference, load_model, synth
+from rnca_cli.model import RNCA, FireNoise, visible
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the straightforward formulation --------------------------------------------------------------
+
+
+class Straightforward:
+    """The paper's rNCA written plainly (NCHW, concatenation each step, 1x1 convs)."""
+
+    def __init__(self, model: RNCA):
+        self.m = model
+        self.w1 = torch.cat([model.fc1_state.weight, model.fc1_image.weight], 1)[:, :, None, None]
+        self.w2 = model.fc2.weight[:, :, None, None]
+
+    def step(self, state, image, noise, t):
+        m, k = self.m, self.m.config.channels
+        feats = torch.cat([F.conv2d(state, m.state_filters, padding=1, groups=k), m.image_conv(image)], 1)
+        delta = F.conv2d(torch.relu(F.conv2d(feats, self.w1, m.fc1_image.bias)), self.w2, m.fc2.bias)
+        pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= m.config.alive_threshold
+        new = state + delta * (noise.uniform(t) < m.config.fire_rate)
+        post = F.max_pool2d(new[:, :1], 3, 1, 1) >= m.config.alive_threshold
+        return new * (pre & post)
+
+    def rollout(self, image, mask, steps, seeds):
+        b, _, h, w = image.shape
+        state = torch.zeros(b, self.m.config.channels, h, w)
+        state[:, 0] = mask.clamp(self.m.config.visible_floor, 1)
+        noise = FireNoise(seeds, (h, w))
+        for t in range(steps):
+            state = self.step(state, image, noise, t)
+        return state
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def best_of(fn, repeat: int) -> float:
+    """Minimum wall time of ``repeat`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def ring_batch(n: int, size: int = 64):
+    steps = synth.perturb.parse_recipe(synth.DEFAULT_RECIPES["rings"])
+    cases = [synth.make_case("rings", k, size, 0, steps, 0.0) for k in range(n)]
+    image = torch.from_numpy(np.stack([c.image for c in cases]))[:, None]
+    mask = torch.from_numpy(np.stack([np.asarray(c.state, np.float32) for c in cases]))
+    return image, mask
+
+
+def peak_rss_child(code: str) -> float:
+    """Peak resident memory (GiB) of a fresh Python process running ``code``."""
+    # VmHWM belongs to the address space, which exec replaces; ru_maxrss would carry the parent's peak.
+    wrapper = code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    kib = int([line for line in done.stdout.splitlines() if line.startswith("RSS")][-1].split()[1])
+    return kib / 2**20
+
+
+REFINE_2D = """
+import numpy as np, torch
+from rnca_cli import load_model
+from rnca_cli.refine import refine_array
+torch.set_num_threads({threads})
+model = load_model({model!r})
+size = {size}
+yy, xx = np.mgrid[:size, :size] - size / 2
+r = np.hypot(yy, xx)
+mask = ((r > size * 0.3) & (r < size * 0.3 + 6)).astype(np.float32)
+image = (0.3 + 0.4 * mask + 0.05 * np.random.default_rng(0).random((size, size))).astype(np.float32)
+refine_array(model, image, mask, steps={steps}, tile={tile})
+"""
+
+REFINE_3D = """
+import numpy as np, torch
+from rnca_cli import load_model
+from rnca_cli.refine import refine_array
+torch.set_num_threads({threads})
+model = load_model({model!r})
+n = {size}
+zz, yy, xx = np.mgrid[:n, :n, :n] - n / 2
+r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
+mask = ((r > n * 0.3) & (r < n * 0.3 + 4)).astype(np.float32)
+image = (0.3 + 0.4 * mask).astype(np.float32)
+refine_array(model, image, mask, steps={steps}, batch=16)
+"""
+
+STRAIGHT_2D = """
+import numpy as np, torch, sys
+sys.path.insert(0, 'benchmarks')
+from speed import Straightforward
+from rnca_cli import load_model
+torch.set_num_threads({threads})
+model = load_model({model!r})
+size = {size}
+with torch.no_grad():
+    Straightforward(model).rollout(torch.rand(1, 1, size, size), torch.rand(1, size, size), {steps}, torch.tensor([0]))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="rings")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller sizes (a smoke run)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    model = load_model(args.model)
+    naive = Straightforward(model)
+    steps = 8 if args.quick else 64
+    repeat = 1 if args.quick else 3
+    rows: dict[str, dict] = {}
+
+    # 1. inference, batch 16 of 64x64, and exactness
+    image, mask = ring_batch(16)
+    seeds = torch.arange(16)
+    with torch.no_grad():
+        fast = inference.rollout(model, image, mask, steps, seeds)
+        slow = visible(naive.rollout(image, mask, steps, seeds))
+        max_diff = float((fast - slow).abs().max())
+        t_fast = best_of(lambda: inference.rollout(model, image, mask, steps, seeds), repeat)
+        t_slow = best_of(lambda: naive.rollout(image, mask, steps, seeds), repeat)
+    per = 16 * steps / 1e3
+    rows["inference ms / 64x64 image / step"] = {"rnca": t_fast / per, "straightforward": t_slow / per,
+                                                  "max |diff| after all steps": max_diff}
+
+    # 2. training iteration, batch 16, backward included
+    model.train()
+    target = (mask > 0.5).float()
+
+    def train_iteration(step_fn, needs_term: bool):
+        state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
+        noise = FireNoise(seeds, (64, 64))
+        term = model.image_term(image) if needs_term else None
+        for t in range(steps):
+            state = step_fn(state, term, noise, t)
+        loss = ((state[:, 0] - target) ** 2).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    t_fast = best_of(lambda: train_iteration(model.step, True), repeat)
+    t_slow = best_of(lambda: train_iteration(lambda s, _, n, t: naive.step(s.contiguous(), image, n, t), False), repeat)
+    model.eval()
+    rows["training s / iteration (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
+
+    # 3. one DRIVE-sized image
+    h, w = (584, 565) if not args.quick else (146, 141)
+    big_img, big_mask = torch.rand(1, 1, h, w), torch.from_numpy(
+        np.pad(ring_batch(1, 128)[1][0].numpy(), ((0, h - 128), (0, w - 128))))[None]
+    with torch.no_grad():
+        t_fast = best_of(lambda: inference.rollout(model, big_img, big_mask, steps, torch.tensor([0])), 1)
+        t_slow = best_of(lambda: naive.rollout(big_img, big_mask, steps, torch.tensor([0])), 1)
+    rows[f"{h}x{w} image, {steps} steps, s"] = {"rnca": t_fast, "straightforward": t_slow}
+
+    # 4. cost follows the work: a 512x512 image with one small ring
+    size = 512 if not args.quick else 128
+    small = np.zeros((size, size), np.float32)
+    small[40:104, 40:104] = ring_batch(1, 64)[1][0].numpy()
+    s_img, s_mask = torch.rand(1, 1, size, size) * 0.2, torch.from_numpy(small)[None]
+    stats: dict = {}
+    with torch.no_grad():
+        t_sparse = best_of(lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), stats=stats), repeat)
+        t_dense = best_of(lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), sparse=False), repeat)
+        t_slow = best_of(lambda: naive.rollout(s_img, s_mask, steps, torch.tensor([0])), 1)
+    rows[f"{size}x{size}, one small ring, s"] = {
+        "rnca": t_sparse, "rnca dense steps only": t_dense, "straightforward": t_slow,
+        "mean share of blocks computed": stats["block_share"], "sparse steps": stats["sparse_steps"],
+        "sparse / dense time": t_sparse / t_dense,
+    }
+
+    # 5. GEMM rate and the MLP's share of it
+    n = 16 * 64 * 64
+    a, bmat = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = 2 * 2048**3 / best_of(lambda: a @ bmat, 5) / 1e9
+    feats, term = torch.randn(n, model.n_features), torch.randn(n, model.config.hidden)
+    with torch.no_grad():
+        t_mlp = best_of(lambda: model.mlp(feats, term), 5)
+    mlp_flops = 2 * n * (model.n_features * model.config.hidden + model.config.hidden * model.config.channels)
+    rows["float32 GEMM GFLOP/s (2048^3)"] = {"rnca": gemm}
+    rows["per-pixel MLP GFLOP/s (65536 px)"] = {"rnca": mlp_flops / t_mlp / 1e9, "share of GEMM rate": mlp_flops / t_mlp / 1e9 / gemm}
+
+    # 6. peak memory, fresh processes
+    big = 4096 if not args.quick else 1024
+    vol = 256 if not args.quick else 64
+    fmt = dict(threads=threads, model=args.model, steps=steps, tile=inference.DEFAULT_TILE)
+    rows[f"peak RSS GiB, {big}x{big} image"] = {"rnca": peak_rss_child(REFINE_2D.format(size=big, **fmt))}
+    rows[f"peak RSS GiB, {vol}^3 volume"] = {"rnca": peak_rss_child(REFINE_3D.format(size=vol, **fmt))}
+    mid = 1024 if not args.quick else 256
+    rows[f"peak RSS GiB, {mid}x{mid} image"] = {
+        "rnca": peak_rss_child(REFINE_2D.format(size=mid, **fmt)),
+        "straightforward": peak_rss_child(STRAIGHT_2D.format(size=mid, **fmt)),
+    }
+
+    for name, row in rows.items():
+        if "straightforward" in row and row.get("rnca"):
+            key = "straightforward / rnca memory" if "RSS" in name else "speed-up"
+            row[key] = row["straightforward"] / row["rnca"]
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch threads": threads,
+               "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+    print(json.dumps(machine))
+    for name, row in rows.items():
+        print(f"{name:42} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "steps": steps, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
