@@ -59,16 +59,23 @@ def refine_batch(
 
     images: (B, H, W, C) float in [0, 1] with the model's channel count; masks: (B, H, W) in [0, 1];
     seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
-    through the model together; larger ones are refined tile by tile (same result, bounded memory).
+    through the model together, at most ``tile**2`` pixels per pass; larger ones are refined tile by
+    tile. The result does not depend on either (bounded memory, same masks).
     """
     b, h, w = masks.shape
     if max(h, w) > tile:
         return np.stack([refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile) for i in range(b)])
+    # At most one tile's worth of pixels per forward pass, whatever the batch size asked for.
+    per_pass = max(1, (tile * tile) // (h * w))
     device = _model_device(model)
-    image = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).permute(0, 3, 1, 2)
-    mask = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(device)  # (B, H, W)
-    seed_tensor = torch.tensor([int(x) for x in seeds], dtype=torch.int64, device=device)
-    return inference.rollout(model, image, mask, steps, seed_tensor).float().cpu().numpy()
+    out = np.empty((b, h, w), dtype=np.float32)
+    for start in range(0, b, per_pass):
+        rows = slice(start, start + per_pass)
+        image = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32)).to(device).permute(0, 3, 1, 2)
+        mask = torch.from_numpy(np.ascontiguousarray(masks[rows], dtype=np.float32)).to(device)  # (b, H, W)
+        seed_tensor = torch.tensor([int(x) for x in seeds[rows]], dtype=torch.int64, device=device)
+        out[rows] = inference.rollout(model, image, mask, steps, seed_tensor).float().cpu().numpy()
+    return out
 
 
 def refine_array(

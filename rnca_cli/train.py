@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import io
+from . import inference, io
 from .checkpoint import save_checkpoint
 from .device import make_generator
 from .errors import InputError, OutputError, TrainingError
@@ -283,12 +283,13 @@ def train_step(
 
 @torch.no_grad()
 def validate(model: RNCA, patches: PatchSet, steps: int, seed: int, batch: int = 64) -> dict[str, float]:
-    """Mean Dice of coarse masks and of their refinement (threshold 0.5) on held-out patches."""
+    """Mean Dice of coarse masks and of their refinement (threshold 0.5) on held-out patches,
+    refined exactly as ``rnca refine --seed seed`` would."""
     before, after = [], []
-    gen = make_generator(patches.images.device, seed)
     for start in range(0, len(patches), batch):
         rows = slice(start, start + batch)
-        prob = model(patches.images[rows], patches.coarse[rows], steps, gen).cpu().numpy()
+        seeds = torch.full((len(patches.images[rows]),), seed, dtype=torch.int64)
+        prob = inference.rollout(model, patches.images[rows], patches.coarse[rows], steps, seeds).cpu().numpy()
         for p, coarse, target in zip(prob, patches.coarse[rows].cpu().numpy(), patches.targets[rows].cpu().numpy()):
             before.append(dice(coarse >= 0.5, target))
             after.append(dice(p >= 0.5, target))

@@ -113,3 +113,11 @@ def test_single_output_into_an_existing_folder(tmp_path, model, png_folders):
     jobs = rf.plan_single(images / "case0.png", masks / "case0.png", tmp_path / "dest", rf.RefineOptions(steps=2))
     rf.run_jobs(model, jobs, rf.RefineOptions(steps=2))
     assert (tmp_path / "dest" / "case0.png").exists()
+
+
+def test_large_batches_are_split_without_changing_results(model):
+    images = np.random.default_rng(0).random((5, 24, 24, 1)).astype(np.float32)
+    masks = np.stack([ring(24, 7, 2)] * 5).astype(np.float32)
+    whole = rf.refine_batch(model, images, masks, 4, [1, 2, 3, 4, 5], tile=1000)
+    split = rf.refine_batch(model, images, masks, 4, [1, 2, 3, 4, 5], tile=50)  # 2500 px: 4 cases a pass
+    np.testing.assert_allclose(whole, split, atol=1e-6)
