@@ -51,8 +51,8 @@ def rollout(
     ``visible(model.rollout(...))`` with the same seeds, computed without autograd.
 
     ``origin`` is the global position of pixel (0, 0) (for tiles); ``sparse=False`` forces dense
-    steps; ``stats``, if given, receives the number of dense and sparse steps and the mean share of
-    blocks computed.
+    steps; ``stats``, if given, receives the number of dense and sparse steps and the mean share
+    (over steps) of blocks computed and of cells alive.
     """
     cfg = model.config
     b, _, h, w = image.shape
@@ -68,7 +68,7 @@ def rollout(
     inside[..., :h, :w] = True
     noise = FireNoise(seeds.to(image.device), (hp, wp), origin)
     live = torch.ones(b, nby, nbx, dtype=torch.bool, device=image.device)  # blocks that may hold state
-    counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0}
+    counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0}
 
     for t in range(steps):
         pre = (max3x3(buf[:, 0]) >= cfg.alive_threshold).unsqueeze(1)  # (B, 1, Hp, Wp); the ring pads
@@ -77,7 +77,9 @@ def rollout(
         need = max3x3(F.pad(pre[:, 0], (1, 1, 1, 1)))  # (B, Hp, Wp): within 1 px of a pre-alive cell
         active = need.view(b, nby, s, nbx, s).any(dim=4).any(dim=2)  # (B, nby, nbx)
         share = float(active.float().mean())
-        counts["block_share"] += share / max(steps, 1)
+        if stats is not None:
+            counts["block_share"] += share / steps
+            counts["alive_share"] += float(pre[..., :h, :w].float().mean()) / steps
         if use_sparse and share < SPARSE_BELOW:
             _sparse_step(model, buf, term, pre, fire, active, live, (hp, wp))
             counts["sparse_steps"] += 1

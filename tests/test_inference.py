@@ -54,6 +54,7 @@ def test_sparse_steps_run_and_agree_when_little_is_alive():
     stats = {}
     out = inference.rollout(model, img, msk, 30, torch.tensor([2]), stats=stats)[0].numpy()
     assert stats["sparse_steps"] > 10  # the point of the test: the gathered path really ran
+    assert 0 < stats["alive_share"] < stats["block_share"] < 1
     np.testing.assert_allclose(out, reference(model, image, mask, 30, 2), atol=1e-5)
 
 
