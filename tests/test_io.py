@@ -209,3 +209,13 @@ def test_unreadable_files_name_the_file(tmp_path, name, content, message):
     with pytest.raises(InputError, match=message) as info:
         io.read_image(path)
     assert str(path) in str(info.value)
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with io.atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
