@@ -322,7 +322,8 @@ def evaluate(
                 t = comparison["topology"]
                 out_console.print(
                     f"topology correct (Betti numbers equal to the ground truth's): {t['correct_baseline']} -> "
-                    f"{t['correct']} cases; repaired {t['repaired']}, broken {t['broken']}"
+                    f"{t['correct']} cases; repaired {t['repaired']}, broken {t['broken']}",
+                    soft_wrap=True,
                 )
         if out is not None:
             err.print(f"wrote {out}", highlight=False)
