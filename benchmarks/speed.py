@@ -111,10 +111,11 @@ from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
 model = load_model({model!r})
 size = {size}
-yy, xx = np.mgrid[:size, :size] - size / 2
-r = np.hypot(yy, xx)
+yy, xx = np.ogrid[:size, :size]  # broadcast grids: the input costs 2 float32 images, not 6 float64 ones
+r = np.hypot((yy - size / 2).astype(np.float32), (xx - size / 2).astype(np.float32))
 mask = ((r > size * 0.3) & (r < size * 0.3 + 6)).astype(np.float32)
-image = (0.3 + 0.4 * mask + 0.05 * np.random.default_rng(0).random((size, size))).astype(np.float32)
+del r
+image = 0.3 + 0.4 * mask
 refine_array(model, image, mask, steps={steps}, tile={tile})
 """
 
@@ -125,10 +126,11 @@ from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
 model = load_model({model!r})
 n = {size}
-zz, yy, xx = np.mgrid[:n, :n, :n] - n / 2
+zz, yy, xx = (g.astype(np.float32) - n / 2 for g in np.ogrid[:n, :n, :n])
 r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
 mask = ((r > n * 0.3) & (r < n * 0.3 + 4)).astype(np.float32)
-image = (0.3 + 0.4 * mask).astype(np.float32)
+del r
+image = 0.3 + 0.4 * mask
 refine_array(model, image, mask, steps={steps}, batch=16)
 """
 
