@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from . import __version__
 from .errors import RncaError
@@ -238,9 +239,7 @@ def _limits(value: Optional[str]) -> dict[str, float]:
         raise typer.BadParameter(str(exc)) from None
 
 
-def _summary_table(title: str, summary: dict) -> "Table":
-    from rich.table import Table
-
+def _summary_table(title: str, summary: dict) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("metric", "mean", "std", "median", "valid", "nan"):
         table.add_column(name, justify="left" if name == "metric" else "right")
@@ -309,8 +308,6 @@ def evaluate(
         out_console = stdout
         out_console.print(_summary_table(f"{len(result.rows)} case(s): {statuses}", result.summary))
         if comparison:
-            from rich.table import Table
-
             table = Table(title=f"vs baseline {baseline} ({comparison['cases']} cases)", title_justify="left")
             for name in ("metric", "baseline", "now", "change", "improved", "same", "worse"):
                 table.add_column(name, justify="left" if name == "metric" else "right")

@@ -31,7 +31,7 @@ from .checkpoint import save_checkpoint
 from .device import make_generator
 from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
-from .model import RNCA, FireNoise, ModelConfig, draw_seeds, visible
+from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ def train(
     out: str | Path,
     config: TrainConfig = TrainConfig(),
     model_config: ModelConfig | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> tuple[RNCA, Path]:
@@ -324,6 +324,7 @@ def train(
     The checkpoint is also written every ``save_every`` iterations, so an interrupted run keeps
     its last save. Returns (model, checkpoint path).
     """
+    device = device or torch.device("cpu")
     out = prepare_run_dir(out, overwrite)
     channels = data.train.images.shape[1]
     model_config = model_config or ModelConfig(image_channels=channels)
