@@ -276,10 +276,8 @@ def evaluate(
     except ValueError as exc:
         fail(str(exc))
     try:
-        targets = [p for p in (out, json_file) if p is not None]
-        if out is not None:
-            targets += [out.with_name(out.stem + "_summary.csv")] + ([out.with_name(out.stem + "_comparison.csv")] if baseline else [])
-        for target in targets:
+        targets = ev.output_paths(out, baseline is not None) if out is not None else []
+        for target in targets + ([json_file] if json_file is not None else []):
             check_writable(target, overwrite)
         pairs, lonely_pred, lonely_gt = ev.pair_files(pred, gt)
         base_pairs = ev.pair_files(baseline, gt)[0] if baseline is not None else []

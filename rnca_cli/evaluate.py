@@ -262,6 +262,13 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def output_paths(out: Path, with_comparison: bool) -> list[Path]:
+    """The files ``write_results`` writes for per-case CSV ``out``: itself, ``<stem>_summary.csv``
+    and, with a baseline, ``<stem>_comparison.csv``."""
+    paths = [out, out.with_name(out.stem + "_summary.csv")]
+    return paths + [out.with_name(out.stem + "_comparison.csv")] if with_comparison else paths
+
+
 def write_results(
     ev: Evaluation, out: Path | None, json_path: Path | None, comparison: dict | None = None,
     thresholds: dict | None = None,
@@ -270,18 +277,16 @@ def write_results(
     ``<out stem>_comparison.csv``; ``json_path`` gets the summary as JSON. All atomic."""
     written = []
     if out is not None:
+        paths = output_paths(out, bool(comparison))
         header = ["case", "status", *ev.columns]
-        io.write_csv(out, header, [[r.get(c, "") for c in header] for r in ev.rows])
+        io.write_csv(paths[0], header, [[r.get(c, "") for c in header] for r in ev.rows])
         stats = ["mean", "std", "median", "count", "nan"]
-        summary_path = out.with_name(out.stem + "_summary.csv")
-        io.write_csv(summary_path, ["metric", *stats], [[m, *(s[k] for k in stats)] for m, s in ev.summary.items()])
-        written += [out, summary_path]
+        io.write_csv(paths[1], ["metric", *stats], [[m, *(s[k] for k in stats)] for m, s in ev.summary.items()])
         if comparison:
             keys = ["baseline_mean", "mean", "mean_change", "improved", "same", "worse"]
-            comparison_path = out.with_name(out.stem + "_comparison.csv")
             rows = [[m, *(v[k] for k in keys)] for m, v in comparison["metrics"].items()]
-            io.write_csv(comparison_path, ["metric", *keys], rows)
-            written.append(comparison_path)
+            io.write_csv(paths[2], ["metric", *keys], rows)
+        written += paths
     if json_path is not None:
         payload = {
             "cases": len(ev.rows), "status": ev.status_counts, "summary": ev.summary,

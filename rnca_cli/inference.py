@@ -74,9 +74,10 @@ def rollout(
         pre = (max3x3(buf[:, 0]) >= cfg.alive_threshold).unsqueeze(1)  # (B, 1, Hp, Wp); the ring pads
         fire = model.fire_mask(noise, t)
         fire = inside if fire is None else fire & inside  # (B or 1, 1, Hp, Wp)
-        need = max3x3(F.pad(pre[:, 0], (1, 1, 1, 1)))  # (B, Hp, Wp): within 1 px of a pre-alive cell
-        active = need.view(b, nby, s, nbx, s).any(dim=4).any(dim=2)  # (B, nby, nbx)
-        share = float(active.float().mean())
+        if use_sparse or stats is not None:  # which blocks a step needs; dense-only runs skip this
+            need = max3x3(F.pad(pre[:, 0], (1, 1, 1, 1)))  # (B, Hp, Wp): within 1 px of a pre-alive cell
+            active = need.view(b, nby, s, nbx, s).any(dim=4).any(dim=2)  # (B, nby, nbx)
+            share = float(active.float().mean())
         if stats is not None:
             counts["block_share"] += share / steps
             counts["alive_share"] += float(pre[..., :h, :w].float().mean()) / steps
@@ -86,7 +87,8 @@ def rollout(
         else:
             _dense_step(model, buf, term, pre, fire)
             counts["dense_steps"] += 1
-        live = active
+        if use_sparse:
+            live = active
     if stats is not None:
         stats.update(counts)
     return visible(buf[:, :, 1 : h + 1, 1 : w + 1])

@@ -264,6 +264,11 @@ def run_jobs(
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
 
+    def finish(job: Job, mask: io.Loaded, prob: np.ndarray) -> None:
+        results.append(_write(job, mask, prob, options))
+        if on_case:
+            on_case(results[-1])
+
     def flush() -> None:
         if not pending:
             return
@@ -271,21 +276,16 @@ def run_jobs(
         masks = np.stack([m.data for _, m, _ in pending])
         probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile)
         for (job, mask, _), prob in zip(pending, probs):
-            results.append(_write(job, mask, prob, options))
-            if on_case:
-                on_case(results[-1])
+            finish(job, mask, prob)
         pending.clear()
 
     for job in jobs:
         image, mask, image_data = _load(job, model, options)
         if mask.is_volume:
             flush()
-            prob = refine_array(
+            finish(job, mask, refine_array(
                 model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile
-            )
-            results.append(_write(job, mask, prob, options))
-            if on_case:
-                on_case(results[-1])
+            ))
             continue
         if pending and pending[0][1].data.shape != mask.data.shape:
             flush()
