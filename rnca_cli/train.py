@@ -261,12 +261,12 @@ def train_step(
     state = pool.states[slots].contiguous(memory_format=torch.channels_last)  # (B, K, P, P)
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
-    term = model.image_term(image)  # (B*P*P, hidden), constant over the rollout
+    patches = model.image_patches(image)  # (B*P*P, 9C), constant over the rollout
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
     at_t_star = state.detach().clone()
     loss = state.new_zeros(())
     for t in range(1, int(t_star.max()) + 1):
-        state = model.step(state, term, noise, t - 1)
+        state = model.step(state, patches, noise, t - 1)
         hit = t_star == t  # (B,)
         if hit.any():
             loss = loss + ((state[hit, 0] - target[hit]) ** 2).mean(dim=(1, 2)).sum()
