@@ -170,6 +170,9 @@ def refine(
     axis: Annotated[int, typer.Option(help="NIfTI volumes are refined slice by slice along this axis.")] = 2,
     batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass.")] = 16,
     tile: Annotated[int, typer.Option(help="Larger images are refined in tiles of this side (exact halo).")] = 768,
+    precision: Annotated[
+        str, typer.Option(help="Number format of the per-pixel MLP: fp32, bf16 or fp16 (half precision is for GPUs).")
+    ] = "fp32",
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = 0,
@@ -185,7 +188,7 @@ def refine(
 
     try:
         options = RefineOptions(steps=steps, threshold=threshold, seed=seed, axis=axis, label=label,
-                                save_prob=save_prob, batch=batch, tile=tile, overwrite=overwrite)
+                                save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite)
     except ValueError as exc:
         fail(str(exc))
     _set_threads(threads)

@@ -34,10 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, near, visible
+from .model import RNCA, FireNoise, gather_rows, max3x3, mlp, near, visible
 
 BLOCK = 16
 SPARSE_BELOW = 0.5  # use the block-sparse step when fewer than this share of blocks is needed
+# Number formats of the per-pixel MLP (``--precision``); the state is always float32.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TILE = 768  # core side; with a 129-pixel halo (64 steps) about 1 GB of working memory
 
 
@@ -49,14 +51,17 @@ def halo(steps: int) -> int:
 @torch.no_grad()
 def rollout(
     model: RNCA, image: torch.Tensor, mask: torch.Tensor, steps: int, seeds: torch.Tensor,
-    origin: tuple[int, int] = (0, 0), sparse: bool = True, stats: dict | None = None,
+    origin: tuple[int, int] = (0, 0), sparse: bool = True, stats: dict | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """Refined probability (B, H, W) for image (B, C, H, W) and mask (B, H, W), as
     ``visible(model.rollout(...))`` with the same seeds, computed without autograd.
 
     ``origin`` is the global position of pixel (0, 0) (for tiles); ``sparse=False`` forces dense
     steps; ``stats``, if given, receives the number of dense and sparse steps and the mean share
-    (over steps) of blocks computed, of cells alive and of cells updated.
+    (over steps) of blocks computed, of cells alive and of cells updated. ``precision`` (a key of
+    :data:`PRECISIONS`) is the number format of the per-pixel MLP, where nearly all arithmetic
+    happens; the state, its perception and the alive tests stay float32 whatever it is, so rounding
+    does not accumulate in the state over the steps.
     """
     cfg = model.config
     b, _, h, w = image.shape
@@ -70,6 +75,7 @@ def rollout(
         buf=image.new_zeros(b, hp + 2, wp + 2, k).permute(0, 3, 1, 2),  # (B, K, Hp+2, Wp+2) channels_last
         patches=model.image_patches(F.pad(image, (0, wp - w, 0, hp - h))),  # (B*Hp*Wp, 9C)
         noise=FireNoise(seeds.to(image.device), (hp, wp), origin),
+        dtype=PRECISIONS[precision],
     )
     run.buf[:, 0, 1 : h + 1, 1 : w + 1] = mask.clamp(cfg.visible_floor, 1.0)
     inside = torch.zeros(b, hp, wp, dtype=torch.bool, device=image.device)
@@ -108,21 +114,32 @@ def rollout(
 class _Run:
     """The buffers of one rollout and its two kinds of step, both in place on ``buf``."""
 
-    def __init__(self, model: RNCA, buf: torch.Tensor, patches: torch.Tensor, noise: FireNoise):
-        self.model, self.buf, self.patches, self.noise = model, buf, patches, noise
+    def __init__(self, model: RNCA, buf: torch.Tensor, patches: torch.Tensor, noise: FireNoise, dtype: torch.dtype):
+        self.model, self.buf, self.noise = model, buf, noise
+        self.patches = patches.to(dtype)  # (B*Hp*Wp, 9C + 1)
+        self.weights = model.mlp_weights(dtype)  # cast once per rollout
         b, k, hp2, wp2 = buf.shape
         self.flat = buf.permute(0, 2, 3, 1).view(-1, k)  # (B*(Hp+2)*(Wp+2), K), the same memory
         # Buffer row of each (b, y, x) pixel, skipping the ring.
         self.ring = torch.arange(b * hp2 * wp2, device=buf.device).view(b, hp2, wp2)[:, 1:-1, 1:-1].reshape(-1)
-        # MLP input rows [state features, image patch, 1], reused every step.
-        self.x = buf.new_empty(len(self.ring), model.n_features + patches.shape[1])
+        # MLP input rows [state features, image patch, 1], reused every step, grown on demand
+        # (at most half the pixels fire at the paper's rate).
+        self.x = buf.new_empty(0, model.n_features + patches.shape[1], dtype=dtype)
 
     def update(self, maps: list[torch.Tensor], map_rows: torch.Tensor, rows: torch.Tensor) -> int:
         """Add the MLP update of pixels ``rows``, whose features are rows ``map_rows`` of the
         perception ``maps``, to the buffer. Returns the number of pixels updated."""
-        x = gather_rows(map_rows, maps, out=self.x[: len(rows), : -self.patches.shape[1]])
-        x = gather_rows(rows, [self.patches], out=self.x[: len(rows), x.shape[1] :])
-        self.flat.index_add_(0, self.ring[rows], self.model.mlp(self.x[: len(rows)]))
+        if len(rows) > len(self.x):
+            self.x = self.x.new_empty(min(len(self.ring), len(rows) * 5 // 4), self.x.shape[1])
+        x = self.x[: len(rows)]  # (M, F*K + 9C + 1)
+        features = x[:, : -self.patches.shape[1]]
+        if x.dtype == maps[0].dtype:
+            gather_rows(map_rows, maps, out=features)
+        else:
+            features.copy_(gather_rows(map_rows, maps))  # gathered in float32, then rounded
+        gather_rows(rows, [self.patches], out=x[:, features.shape[1] :])
+        delta = mlp(x, *self.weights)  # (M, K)
+        self.flat.index_add_(0, self.ring[rows], delta.to(self.flat.dtype))
         return len(rows)
 
     def alive_in(self, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -152,7 +169,6 @@ class _Run:
         hp, wp = pre.shape[1:]
         s = BLOCK
         bi, byi, bxi = active.nonzero(as_tuple=True)  # (nb,) each
-        nb = len(bi)
         # Gather the needed blocks with a one-pixel halo (read before anything is written).
         windows = buf.unfold(2, s + 2, s).unfold(3, s + 2, s)  # (B, K, nby, nbx, S+2, S+2), a view
         blocks = windows[bi, :, byi, bxi].contiguous(memory_format=torch.channels_last)  # (nb, K, S+2, S+2)
@@ -207,7 +223,7 @@ def tiles(size: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
 @torch.no_grad()
 def refine_image(
     model: RNCA, image: np.ndarray, mask: np.ndarray, steps: int, seed: int, tile: int = DEFAULT_TILE,
-    sparse: bool = True,
+    sparse: bool = True, precision: str = "fp32",
 ) -> np.ndarray:
     """Refine one 2D case (image (H, W, C), mask (H, W)) tile by tile; returns (H, W) float32.
 
@@ -222,6 +238,7 @@ def refine_image(
         for x0, x1, xa, xb in tiles(w, tile, margin):
             img = torch.from_numpy(np.ascontiguousarray(image[ya:yb, xa:xb], dtype=np.float32)).to(device)
             msk = torch.from_numpy(np.ascontiguousarray(mask[ya:yb, xa:xb], dtype=np.float32)).to(device)
-            prob = rollout(model, img.permute(2, 0, 1)[None], msk[None], steps, seeds, (ya, xa), sparse)[0]
+            prob = rollout(model, img.permute(2, 0, 1)[None], msk[None], steps, seeds, (ya, xa), sparse,
+                           precision=precision)[0]
             out[y0:y1, x0:x1] = prob[y0 - ya : y1 - ya, x0 - xa : x1 - xa].float().cpu().numpy()
     return out

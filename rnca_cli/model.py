@@ -163,7 +163,7 @@ class RNCA(nn.Module):
         three filters). :meth:`fc1` orders its columns to match.
         """
         k, f = self.config.channels, self.config.filters
-        maps = (F.conv2d(state, self.state_filters[i::f], padding=padding, groups=k) for i in range(f))
+        maps = (F.conv2d(state, self.state_filters[i::f].contiguous(), padding=padding, groups=k) for i in range(f))
         return [m.permute(0, 2, 3, 1).reshape(-1, k) for m in maps]  # views for channels_last input
 
     def fc1(self) -> torch.Tensor:
@@ -219,7 +219,12 @@ class RNCA(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """Per-pixel MLP: (M, F*K + 9C + 1) rows ``[state features, image patch, 1]`` -> (M, K) updates."""
-        return _ChunkedMLP.apply(x, self.fc1(), self.fc2.weight, self.fc2.bias)
+        return mlp(x, *self.mlp_weights())
+
+    def mlp_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fc1 weight, fc2 weight, fc2 bias) for :func:`mlp`, optionally cast to ``dtype``."""
+        weights = (self.fc1(), self.fc2.weight, self.fc2.bias)
+        return tuple(w.to(dtype) for w in weights) if dtype is not None else weights
 
     # -- a whole rollout -------------------------------------------------------------------------
 
@@ -264,6 +269,11 @@ class RNCA(nn.Module):
         """Refined probability (B, H, W) after ``steps`` updates."""
         state, _ = self.rollout(image, mask, steps, generator)
         return visible(state)
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """``relu(x @ w1.T) @ w2.T + b2`` in cache-sized row chunks (differentiable, see :class:`_ChunkedMLP`)."""
+    return _ChunkedMLP.apply(x, w1, w2, b2)
 
 
 class _ChunkedMLP(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch
 
 from . import inference, io
 from .errors import InputError, OutputError
-from .inference import BLOCK, DEFAULT_TILE, refine_image
+from .inference import BLOCK, DEFAULT_TILE, PRECISIONS, refine_image
 from .model import RNCA
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -53,18 +53,21 @@ def _model_device(model: RNCA) -> torch.device:
 
 @torch.no_grad()
 def refine_batch(
-    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int], tile: int = DEFAULT_TILE
+    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int], tile: int = DEFAULT_TILE,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Refine a batch of equal-size 2D cases.
 
     images: (B, H, W, C) float in [0, 1] with the model's channel count; masks: (B, H, W) in [0, 1];
     seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
     through the model together, at most ``tile**2`` pixels per pass; larger ones are refined tile by
-    tile. The result does not depend on either (bounded memory, same masks).
+    tile. The result does not depend on either (bounded memory, same masks). ``precision``: see
+    :func:`rnca_cli.inference.rollout`.
     """
     b, h, w = masks.shape
     if max(h, w) > tile:
-        return np.stack([refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile) for i in range(b)])
+        return np.stack([refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile, precision=precision)
+                         for i in range(b)])
     # At most one tile's worth of pixels per forward pass, whatever the batch size asked for.
     per_pass = max(1, (tile * tile) // (h * w))
     device = _model_device(model)
@@ -74,7 +77,8 @@ def refine_batch(
         image = torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32)).to(device).permute(0, 3, 1, 2)
         mask = torch.from_numpy(np.ascontiguousarray(masks[rows], dtype=np.float32)).to(device)  # (b, H, W)
         seed_tensor = torch.tensor([int(x) for x in seeds[rows]], dtype=torch.int64, device=device)
-        out[rows] = inference.rollout(model, image, mask, steps, seed_tensor).float().cpu().numpy()
+        prob = inference.rollout(model, image, mask, steps, seed_tensor, precision=precision)
+        out[rows] = prob.float().cpu().numpy()
     return out
 
 
@@ -87,6 +91,7 @@ def refine_array(
     axis: int = 2,
     batch: int = 16,
     tile: int = DEFAULT_TILE,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Refine one mask; returns the refined probability map (threshold it with ``>= 0.5``).
 
@@ -100,6 +105,8 @@ def refine_array(
         batch: for 3D, slices per forward pass.
         tile: images (or slices) larger than this are refined in tiles of this size with an exact
             halo, bounding memory; the result is the same.
+        precision: number format of the per-pixel MLP, ``fp32``, ``bf16`` or ``fp16`` (the state
+            stays float32). Half precision is for GPUs: on CPUs without native support it is slower.
     """
     mask = np.asarray(mask, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -111,7 +118,7 @@ def refine_array(
         raise InputError("mask values must lie in [0, 1]")
     image = match_channels(image, model.config.image_channels)
     if mask.ndim == 2:
-        return refine_batch(model, image[None], mask[None], steps, [seed], tile)[0]
+        return refine_batch(model, image[None], mask[None], steps, [seed], tile, precision)[0]
     # 3D: slices along `axis` become a batch of 2D cases.
     img_slices = np.moveaxis(image, axis, 0)  # (S, A, B, C)
     mask_slices = np.moveaxis(mask, axis, 0)  # (S, A, B)
@@ -119,7 +126,7 @@ def refine_array(
     for start in range(0, len(mask_slices), batch):
         rows = slice(start, start + batch)
         seeds = [seed + k for k in range(start, min(start + batch, len(mask_slices)))]
-        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile)
+        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile, precision)
     return np.moveaxis(out, 0, axis)
 
 
@@ -136,6 +143,7 @@ class RefineOptions:
     save_prob: bool = False
     batch: int = 16
     tile: int = DEFAULT_TILE
+    precision: str = "fp32"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -149,6 +157,8 @@ class RefineOptions:
             raise ValueError("batch must be >= 1")
         if self.tile < BLOCK:
             raise ValueError(f"tile must be >= {BLOCK}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 @dataclass
@@ -274,7 +284,8 @@ def run_jobs(
             return
         images = np.stack([img for _, _, img in pending])
         masks = np.stack([m.data for _, m, _ in pending])
-        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile)
+        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile,
+                             options.precision)
         for (job, mask, _), prob in zip(pending, probs):
             finish(job, mask, prob)
         pending.clear()
@@ -284,7 +295,8 @@ def run_jobs(
         if mask.is_volume:
             flush()
             finish(job, mask, refine_array(
-                model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile
+                model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile,
+                options.precision,
             ))
             continue
         if pending and pending[0][1].data.shape != mask.data.shape:

@@ -85,7 +85,8 @@ def test_existing_output_needs_overwrite(tmp_path, png_folders, model_file):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_image", "shape_mismatch", "unreadable", "no_pairs", "bad_model", "bad_device", "bad_option"],
+    ["missing_image", "shape_mismatch", "unreadable", "no_pairs", "bad_model", "bad_device", "bad_option",
+     "bad_precision"],
 )
 def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, case):
     images, masks = png_folders
@@ -106,6 +107,8 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, 
         model, expected = tmp_path / "nothing.pt", "nothing.pt: no such model file"
     elif case == "bad_device":
         extra, expected = ["--device", "tpu"], "--device tpu"
+    elif case == "bad_precision":
+        extra, expected = ["--precision", "fp64"], "precision must be one of fp32, bf16, fp16, not 'fp64'"
     else:
         extra, expected = ["--threshold", "0"], "threshold must be in (0, 1]"
     result = rnca("refine", "--image", image, "--mask", mask, "--out", out, "--model", model, "--steps", 2, *extra)
@@ -169,6 +172,16 @@ def test_train_refuses_bad_model_options_before_reading_data(tmp_path):
     result = rnca("train", "--images", tmp_path / "nowhere", "--labels", tmp_path, "--states", tmp_path,
                   "--out", tmp_path / "r", "--fire-rate", 2)
     assert result.exit_code == 1 and "fire_rate must be in [0, 1]" in result.output
+
+
+def test_half_precision_refine_runs_and_stays_close(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    common = ["refine", "--image", images / "case1.png", "--mask", masks / "case1.png", "--model", model_file,
+              "--steps", 4, "-q"]
+    assert rnca(*common, "--out", tmp_path / "fp32.png").exit_code == 0
+    assert rnca(*common, "--out", tmp_path / "bf16.png", "--precision", "bf16").exit_code == 0
+    fp32, bf16 = (np.asarray(Image.open(tmp_path / f"{name}.png")) > 0 for name in ("fp32", "bf16"))
+    assert (fp32 == bf16).mean() >= 0.95
 
 
 def test_tiled_refine_writes_the_same_mask(tmp_path, png_folders, model_file):
