@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnca_cli import inference, load_model, synth
+from rnca_cli import inference, load_model, synth, train
 from rnca_cli.model import RNCA, FireNoise, visible
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,10 +202,38 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    def naive_step(s, _, n, t):
+        return naive.step(s.contiguous(), image, n, t)
+
     t_fast = best_of(lambda: train_iteration(model.step, True), repeat)
-    t_slow = best_of(lambda: train_iteration(lambda s, _, n, t: naive.step(s.contiguous(), image, n, t), False), repeat)
+    t_slow = best_of(lambda: train_iteration(naive_step, False), repeat)
+    rows[f"training s / iteration, all samples {steps} steps (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
+
+    # 2b. the iteration rnca train runs: loss at t* ~ U[steps/2, steps] per sample (DESIGN §4). rnca:
+    #     rnca_cli.train.unroll, which drops a sample once its t* has passed; straightforward: every
+    #     sample unrolled to max(t*), as the paper's loop does. Same t* draws, same loss.
+    t_star = torch.randint(steps // 2, steps + 1, (16,), generator=torch.Generator().manual_seed(0))
+
+    def real_iteration(fast: bool):
+        state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
+        noise = FireNoise(seeds, (64, 64))
+        if fast:
+            loss, _ = train.unroll(model, state, image, target, noise, t_star)
+        else:
+            loss = 0.0
+            for t in range(1, int(t_star.max()) + 1):
+                state = naive_step(state, None, noise, t - 1)
+                hit = t_star == t
+                if hit.any():
+                    loss = loss + ((state[hit, 0] - target[hit]) ** 2).mean(dim=(1, 2)).sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    t_fast = best_of(lambda: real_iteration(True), repeat)
+    t_slow = best_of(lambda: real_iteration(False), repeat)
     model.eval()
-    rows["training s / iteration (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
+    rows["training s / iteration as rnca train runs it (batch 16, t* per sample)"] = {
+        "rnca": t_fast, "straightforward": t_slow, "mean t*": float(t_star.float().mean()), "max t*": int(t_star.max())}
 
     # 3. one DRIVE-sized image
     h, w = (584, 565) if not args.quick else (146, 141)

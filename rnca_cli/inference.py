@@ -164,30 +164,43 @@ class _Run:
         return updated
 
     def sparse_step(self, t: int, pre, todo, active, live, box) -> int:
-        model, buf = self.model, self.buf
-        b, k = buf.shape[:2]
-        hp, wp = pre.shape[1:]
+        model, k = self.model, self.buf.shape[1]
         s = BLOCK
-        bi, byi, bxi = active.nonzero(as_tuple=True)  # (nb,) each
-        # Gather the needed blocks with a one-pixel halo (read before anything is written).
-        windows = buf.unfold(2, s + 2, s).unfold(3, s + 2, s)  # (B, K, nby, nbx, S+2, S+2), a view
-        blocks = windows[bi, :, byi, bxi].contiguous(memory_format=torch.channels_last)  # (nb, K, S+2, S+2)
-        maps = model.perceive(blocks, padding=0)  # F x (nb*S*S, K), rows in (block, y, x) order
-        ar = torch.arange(s, device=buf.device)
-        rows = ((bi * hp + byi * s)[:, None, None] + ar[None, :, None]) * wp + (bxi * s)[:, None, None] + ar[None, None, :]
-        rows = rows.reshape(-1)  # (nb*S*S,) pixel of each block row
+        blocks = active.nonzero(as_tuple=True)  # (bi, byi, bxi), (nb,) each
+        # The needed blocks with a one-pixel halo, gathered as buffer rows (read before any write).
+        halo_rows = self.block_rows(blocks, margin=1).view(-1)  # (nb*(S+2)^2,)
+        windows = self.flat.index_select(0, halo_rows).view(-1, s + 2, s + 2, k).permute(0, 3, 1, 2)
+        maps = model.perceive(windows, padding=0)  # F x (nb*S*S, K), rows in (block, y, x) order
+        rows = self.block_rows(blocks, margin=0, ring=False).view(-1)  # (nb*S*S,) pixel of each block row
         local = todo.view(-1).index_select(0, rows).nonzero().squeeze(1)  # block rows to update
         if model.config.fire_rate < 1.0:
             local = local[self.noise.uniform_at(t, rows[local]) < model.config.fire_rate]
 
-        core = buf[:, :, 1:-1, 1:-1].unflatten(2, (hp // s, s)).unflatten(4, (wp // s, s))  # (B, K, nby, S, nbx, S)
         stale = (live & ~active).nonzero(as_tuple=True)
-        if len(stale[0]):
-            core[stale[0], :, stale[1], :, stale[2], :] = 0.0  # dead now: their cells end at zero
+        if len(stale[0]):  # blocks that held state and are dead now: their cells end at zero
+            self.flat.index_fill_(0, self.block_rows(stale, margin=0).view(-1), 0.0)
         updated = self.update(maps, local, rows[local])
-        keep = (pre & self.alive_in(box)).view(-1).index_select(0, rows)  # (nb*S*S,)
-        self.flat.index_fill_(0, self.ring[rows[~keep]], 0.0)
+        # Alive test of the tentative state, on the computed blocks only (their halo included).
+        vis = self.flat[:, 0].index_select(0, halo_rows).view(-1, s + 2, s + 2)  # (nb, S+2, S+2)
+        post = (max3x3(vis) >= model.config.alive_threshold).view(-1)  # (nb*S*S,)
+        keep = pre.view(-1).index_select(0, rows) & post
+        self.flat.index_fill_(0, self.block_rows(blocks, margin=0)[~keep.view(-1, s, s)], 0.0)
         return updated
+
+    def block_rows(self, blocks, margin: int, ring: bool = True) -> torch.Tensor:
+        """(nb, S+2m, S+2m) rows of the pixels of ``blocks`` (bi, byi, bxi), grown by ``margin``:
+        rows of the flat buffer (``ring``) or of the (b, y, x)-flattened core grid."""
+        bi, byi, bxi = blocks
+        s = BLOCK
+        _, _, hp2, wp2 = self.buf.shape
+        size = s + 2 * margin
+        ar = torch.arange(size, device=bi.device)
+        if ring:  # buffer coordinates: core pixel (y, x) sits at (y + 1, x + 1)
+            y0, x0, height, width = byi * s + 1 - margin, bxi * s + 1 - margin, hp2, wp2
+        else:
+            y0, x0, height, width = byi * s - margin, bxi * s - margin, hp2 - 2, wp2 - 2
+        ys = (bi * height + y0)[:, None, None] + ar[None, :, None]  # (nb, size, 1)
+        return ys * width + x0[:, None, None] + ar[None, None, :]
 
 
 def _box(live: torch.Tensor, s: int) -> tuple[int, int, int, int] | None:

@@ -388,6 +388,12 @@ class FireNoise:
         cell = (ys[:, None] << 20) | xs[None, :]  # (H, W)
         self._base = cell[None] + _splitmix(seeds.to(torch.int64).view(-1, 1, 1) + _GOLDEN)  # (B, H, W)
 
+    def select(self, samples: torch.Tensor) -> "FireNoise":
+        """The same draws for a subset of the samples (a (B,) bool mask or indices)."""
+        subset = object.__new__(FireNoise)
+        subset._base = self._base[samples]
+        return subset
+
     def uniform(self, t: int) -> torch.Tensor:
         """(B, 1, H, W) float32 in [0, 1) for step ``t``."""
         return self._draw(self._base, t).unsqueeze(1)

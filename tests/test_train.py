@@ -11,10 +11,10 @@ import torch
 from rnca_cli import train as tr
 from rnca_cli.checkpoint import load_checkpoint
 from rnca_cli.errors import InputError, OutputError
-from rnca_cli.model import ModelConfig
+from rnca_cli.model import FireNoise, ModelConfig
 from rnca_cli.refine import refine_array
 
-from conftest import ring, write_nifti, write_png
+from conftest import ring, tiny_model, write_nifti, write_png
 
 SMALL = ModelConfig(channels=4, hidden=16)
 
@@ -146,3 +146,34 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
         tr.train(data, tmp_path / "run", config, SMALL)
     _, provenance = load_checkpoint(tmp_path / "run" / "model.pt")
     assert provenance["iterations"] == 2
+
+
+def test_unroll_drops_finished_samples_without_changing_loss_or_gradients():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    image, coarse = torch.rand(4, 1, 12, 12, generator=g), torch.rand(4, 12, 12, generator=g)
+    target = (coarse > 0.5).float()
+    t_star = torch.tensor([3, 7, 5, 7])
+    noise = FireNoise(torch.tensor([1, 2, 3, 4]), (12, 12))
+    model.train()
+
+    def grads_of(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    loss, at_t = tr.unroll(model, model.initial_state(coarse), image, target, noise, t_star)
+    fast = grads_of(loss)
+    # Reference: every sample runs to max(t*), its loss taken at its own t*.
+    state, patches, ref_loss, ref_at = model.initial_state(coarse), model.image_patches(image), 0.0, {}
+    for t in range(1, 8):
+        state = model.step(state, patches, noise, t - 1)
+        for i in (t_star == t).nonzero().flatten().tolist():
+            ref_loss = ref_loss + ((state[i, 0] - target[i]) ** 2).mean()
+            ref_at[i] = state[i].detach()
+    slow = grads_of(ref_loss)
+    assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
+    for i in range(4):
+        assert torch.allclose(at_t[i], ref_at[i], atol=1e-6)
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
