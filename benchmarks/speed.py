@@ -76,13 +76,22 @@ class Straightforward:
 
 def best_of(fn, repeat: int) -> float:
     """Minimum wall time of ``repeat`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+    return side_by_side({"fn": fn}, repeat)["fn"]
+
+
+def side_by_side(fns: dict, repeat: int) -> dict:
+    """Minimum wall time of each function over ``repeat`` rounds, the functions taking turns within
+    a round (after one warm-up call each), so that the machine's slow and fast phases fall on all of
+    them alike: the ratios are what this script reports."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def ring_batch(n: int, size: int = 64):
@@ -182,8 +191,9 @@ def main() -> None:
         fast = inference.rollout(model, image, mask, steps, seeds)
         slow = visible(naive.rollout(image, mask, steps, seeds))
         max_diff = float((fast - slow).abs().max())
-        t_fast = best_of(lambda: inference.rollout(model, image, mask, steps, seeds), repeat)
-        t_slow = best_of(lambda: naive.rollout(image, mask, steps, seeds), repeat)
+        t = side_by_side({"fast": lambda: inference.rollout(model, image, mask, steps, seeds),
+                          "slow": lambda: naive.rollout(image, mask, steps, seeds)}, repeat)
+        t_fast, t_slow = t["fast"], t["slow"]
     per = 16 * steps / 1e3
     rows["inference ms / 64x64 image / step"] = {"rnca": t_fast / per, "straightforward": t_slow / per,
                                                   "max |diff| after all steps": max_diff}
@@ -205,8 +215,9 @@ def main() -> None:
     def naive_step(s, _, n, t):
         return naive.step(s.contiguous(), image, n, t)
 
-    t_fast = best_of(lambda: train_iteration(model.step, True), repeat)
-    t_slow = best_of(lambda: train_iteration(naive_step, False), repeat)
+    t = side_by_side({"fast": lambda: train_iteration(model.step, True),
+                      "slow": lambda: train_iteration(naive_step, False)}, repeat)
+    t_fast, t_slow = t["fast"], t["slow"]
     rows[f"training s / iteration, all samples {steps} steps (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
 
     # 2b. the iteration rnca train runs: loss at t* ~ U[steps/2, steps] per sample (DESIGN §4). rnca:
@@ -229,8 +240,8 @@ def main() -> None:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    t_fast = best_of(lambda: real_iteration(True), repeat)
-    t_slow = best_of(lambda: real_iteration(False), repeat)
+    t = side_by_side({"fast": lambda: real_iteration(True), "slow": lambda: real_iteration(False)}, repeat)
+    t_fast, t_slow = t["fast"], t["slow"]
     model.eval()
     rows["training s / iteration as rnca train runs it (batch 16, t* per sample)"] = {
         "rnca": t_fast, "straightforward": t_slow, "mean t*": float(t_star.float().mean()), "max t*": int(t_star.max())}
@@ -240,8 +251,9 @@ def main() -> None:
     big_img, big_mask = torch.rand(1, 1, h, w), torch.from_numpy(
         np.pad(ring_batch(1, 128)[1][0].numpy(), ((0, h - 128), (0, w - 128))))[None]
     with torch.no_grad():
-        t_fast = best_of(lambda: inference.rollout(model, big_img, big_mask, steps, torch.tensor([0])), 1)
-        t_slow = best_of(lambda: naive.rollout(big_img, big_mask, steps, torch.tensor([0])), 1)
+        t = side_by_side({"fast": lambda: inference.rollout(model, big_img, big_mask, steps, torch.tensor([0])),
+                          "slow": lambda: naive.rollout(big_img, big_mask, steps, torch.tensor([0]))}, 2)
+        t_fast, t_slow = t["fast"], t["slow"]
     rows[f"{h}x{w} image, {steps} steps, s"] = {"rnca": t_fast, "straightforward": t_slow}
 
     # 4. cost follows the work: 512x512 images with 16, 4 and 1 rings; every cell is alive at step 0
@@ -252,17 +264,19 @@ def main() -> None:
     for n in (4, 2, 1):
         s_img, s_mask = ring_grid(size, n)
         seed = torch.tensor([0])
-        timed = {}
+        counts = (0, 1, late_from, steps)
         with torch.no_grad():
-            for count in (0, 1, late_from, steps):
+            alive_steps = {}  # count -> sum over its steps of the alive share
+            for count in counts:
                 stats: dict = {}
                 inference.rollout(model, s_img, s_mask, count, seed, stats=stats)
-                run = lambda count=count, s_img=s_img, s_mask=s_mask: inference.rollout(model, s_img, s_mask, count, seed)
-                timed[count] = (best_of(run, repeat + 2),
-                                stats.get("alive_share", 0.0) * count)
-        dense = timed[1][0] - timed[0][0]
-        late = (timed[steps][0] - timed[late_from][0]) / (steps - late_from)
-        alive = (timed[steps][1] - timed[late_from][1]) / (steps - late_from)
+                alive_steps[count] = stats.get("alive_share", 0.0) * count
+            runs = {count: (lambda count=count, s_img=s_img, s_mask=s_mask:
+                            inference.rollout(model, s_img, s_mask, count, seed)) for count in counts}
+            timed = side_by_side(runs, repeat + 2)
+        dense = timed[1] - timed[0]
+        late = (timed[steps] - timed[late_from]) / (steps - late_from)
+        alive = (alive_steps[steps] - alive_steps[late_from]) / (steps - late_from)
         rows[f"{size}x{size}, {n * n} ring(s): steady-state step vs all-alive step"] = {
             "rnca ms / step": late * 1e3, "all-alive step ms": dense * 1e3, "alive share": alive,
             "step / all-alive step": late / dense, "(step / all-alive) / alive share": late / dense / alive,
@@ -270,9 +284,11 @@ def main() -> None:
         }
     s_img, s_mask = ring_grid(size, 1)
     with torch.no_grad():
-        t_sparse = best_of(lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0])), repeat)
-        t_dense = best_of(lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), sparse=False), repeat)
-        t_slow = best_of(lambda: naive.rollout(s_img, s_mask, steps, torch.tensor([0])), 1)
+        t = side_by_side({
+            "sparse": lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0])),
+            "dense": lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), sparse=False),
+            "slow": lambda: naive.rollout(s_img, s_mask, steps, torch.tensor([0]))}, 2)
+        t_sparse, t_dense, t_slow = t["sparse"], t["dense"], t["slow"]
     rows[f"{size}x{size}, one ring, {steps} steps, s"] = {
         "rnca": t_sparse, "rnca without block-sparse steps": t_dense, "straightforward": t_slow}
 

@@ -168,6 +168,9 @@ class _Run:
         s = BLOCK
         blocks = active.nonzero(as_tuple=True)  # (bi, byi, bxi), (nb,) each
         # The needed blocks with a one-pixel halo, gathered as buffer rows (read before any write).
+        # One index_select of 64-byte rows instead of advanced indexing of a 6-D unfold view, and the
+        # alive test below on these blocks only, not the box: 12.7 -> 9.0 ms per steady-state step
+        # on a 512x512 image with 4 rings (A/B, same run).
         halo_rows = self.block_rows(blocks, margin=1).view(-1)  # (nb*(S+2)^2,)
         windows = self.flat.index_select(0, halo_rows).view(-1, s + 2, s + 2, k).permute(0, 3, 1, 2)
         maps = model.perceive(windows, padding=0)  # F x (nb*S*S, K), rows in (block, y, x) order
