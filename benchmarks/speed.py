@@ -198,6 +198,18 @@ def main() -> None:
     rows["inference ms / 64x64 image / step"] = {"rnca": t_fast / per, "straightforward": t_slow / per,
                                                   "max |diff| after all steps": max_diff}
 
+    # 1b. the MLP in half precision (--precision): time and agreement with float32
+    with torch.no_grad():
+        t = side_by_side({p: (lambda p=p: inference.rollout(model, image, mask, steps, seeds, precision=p))
+                          for p in inference.PRECISIONS}, repeat)
+        for p in ("bf16", "fp16"):
+            half = inference.rollout(model, image, mask, steps, seeds, precision=p)
+            rows[f"inference with --precision {p}, ms / image / step"] = {
+                "rnca": t[p] / per, "rnca fp32": t["fp32"] / per, "time vs fp32": t[p] / t["fp32"],
+                "mask agreement with fp32": float(((half >= 0.5) == (fast >= 0.5)).float().mean()),
+                "mean |diff| vs fp32": float((half - fast).abs().mean()),
+            }
+
     # 2. training iteration, batch 16, backward included
     model.train()
     target = (mask > 0.5).float()
