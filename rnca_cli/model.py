@@ -283,8 +283,8 @@ class _ChunkedMLP(torch.autograd.Function):
     The (rows, hidden) activation is the largest tensor of a step (128 floats per pixel against
     16 of state). Computed and consumed chunk by chunk it stays in cache, forward and backward;
     backward pays one extra first-layer GEMM per chunk instead of a round trip through memory.
-    Training with it: 7.3 -> 4.4 s per iteration (batch 16, 64 steps), together with the gathered
-    firing rows. fc1's bias rides in ``x``'s constant column, and b2 is added once at the end, so
+    Together with the gathered firing rows, training went from 1.5-1.8x to 2.7x the straightforward
+    formulation (benchmarks/SPEED.md). fc1's bias rides in ``x``'s constant column, and b2 is added once at the end, so
     no GEMM has to copy a broadcast bias into its output first (that copy was 8 % of a step).
     """
 
