@@ -89,8 +89,11 @@ def rollout(
             break  # nothing left alive: every later step keeps the all-zero state
         ya, yb, xa, xb = box
         pre = run.alive_in(box)  # (B, Hp, Wp)
-        todo = torch.zeros_like(pre)  # (B, Hp, Wp): cells whose update can matter (RNCA.step)
-        todo[:, ya:yb, xa:xb] = near(pre[:, ya:yb, xa:xb]) & inside[:, ya:yb, xa:xb]
+        if (yb - ya, xb - xa) == (hp, wp):
+            todo = near(pre) & inside  # (B, Hp, Wp): cells whose update can matter (RNCA.step)
+        else:
+            todo = torch.zeros_like(pre)
+            todo[:, ya:yb, xa:xb] = near(pre[:, ya:yb, xa:xb]) & inside[:, ya:yb, xa:xb]
         if use_sparse or stats is not None:  # which blocks a step needs; dense-only runs skip this
             active = todo.view(b, nby, s, nbx, s).any(dim=4).any(dim=2)  # (B, nby, nbx)
             share = float(active.float().mean())
@@ -148,8 +151,11 @@ class _Run:
         ya, yb, xa, xb = box
         b, _, hp2, wp2 = self.buf.shape
         vis = self.buf[:, 0, ya : yb + 2, xa : xb + 2].contiguous()  # one strided read; the ring pads
+        inside = max3x3(vis) >= self.model.config.alive_threshold
+        if (yb - ya, xb - xa) == (hp2 - 2, wp2 - 2):
+            return inside  # the box is the whole image
         alive = torch.zeros(b, hp2 - 2, wp2 - 2, dtype=torch.bool, device=vis.device)
-        alive[:, ya:yb, xa:xb] = max3x3(vis) >= self.model.config.alive_threshold
+        alive[:, ya:yb, xa:xb] = inside
         return alive
 
     def dense_step(self, t: int, pre: torch.Tensor, todo: torch.Tensor, box) -> int:
