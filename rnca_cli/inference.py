@@ -48,13 +48,18 @@ def halo(steps: int) -> int:
     return 2 * steps + 1
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def rollout(
     model: RNCA, image: torch.Tensor, mask: torch.Tensor, steps: int, seeds: torch.Tensor,
     origin: tuple[int, int] = (0, 0), sparse: bool = True, stats: dict | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """Refined probability (B, H, W) for image (B, C, H, W) and mask (B, H, W), as
     ``visible(model.rollout(...))`` with the same seeds, computed without autograd.
+
+    It runs under ``torch.inference_mode`` rather than ``no_grad``: no version counters or view
+    tracking, which is most of a small operation's cost, and a sparse step is a hundred small
+    operations (512x512 with one ring: 5.5 -> 3.6-4.2 ms per steady-state step, A/B in one run).
+    The result is an inference tensor: clone it before using it where autograd records.
 
     ``origin`` is the global position of pixel (0, 0) (for tiles); ``sparse=False`` forces dense
     steps; ``stats``, if given, receives the number of dense and sparse steps and the mean share
