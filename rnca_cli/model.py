@@ -30,7 +30,7 @@ Layout and algebra that make this fast (all exact up to float rounding):
 * The state is kept as an NCHW tensor in ``channels_last`` memory, i.e. physically (B, H, W, K).
   Convolutions accept it as it is, and the features are then a plain (pixels, channels) matrix.
 * The MLP runs in row chunks that fit in cache, and its backward recomputes the hidden layer chunk
-  by chunk instead of storing it (:class:`_ChunkedMLP`): the (pixels, 128) activation never
+  by chunk instead of storing it (:class:`_RowUpdates`): the (pixels, 128) activation never
   reaches main memory.
 """
 
@@ -212,15 +212,17 @@ class RNCA(nn.Module):
         if fire is not None:
             todo &= fire[:, 0]
         rows = todo.reshape(-1).nonzero().squeeze(1)  # (M,) pixel rows, (b, y, x) order
-        x = _GatherRows.apply(rows, *self.perceive(state), patches)  # (M, F*K + 9C + 1)
+        delta = row_updates(rows, self.mlp_weights(), patches, self.perceive(state))  # (M, K)
         flat = state.permute(0, 2, 3, 1).reshape(-1, k)  # (B*H*W, K)
-        state = flat.index_add(0, rows, self.mlp(x)).view(b, h, w, k).permute(0, 3, 1, 2)  # tentative
+        state = flat.index_add(0, rows, delta).view(b, h, w, k).permute(0, 3, 1, 2)  # tentative
         keep = pre & self.alive(state[:, :1])  # (B, 1, H, W)
         return state * keep.to(state.dtype)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel MLP: (M, F*K + 9C + 1) rows ``[state features, image patch, 1]`` -> (M, K) updates."""
-        return mlp(x, *self.mlp_weights())
+        """Per-pixel MLP: (M, F*K + 9C + 1) rows ``[state features, image patch, 1]`` -> (M, K)
+        updates, without autograd (training differentiates :func:`row_updates`)."""
+        with torch.no_grad():
+            return mlp(x, *self.mlp_weights())
 
     def mlp_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fc1 weight, fc2 weight, fc2 bias) for :func:`mlp`, optionally cast to ``dtype``."""
@@ -273,46 +275,82 @@ class RNCA(nn.Module):
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """``relu(x @ w1.T) @ w2.T + b2`` in cache-sized row chunks (differentiable, see :class:`_ChunkedMLP`)."""
-    return _ChunkedMLP.apply(x, w1, w2, b2)
+    """``relu(x @ w1.T) @ w2.T + b2`` in cache-sized row chunks, without autograd (inference, and
+    the forward of :class:`_RowUpdates`). x (M, D), w1 (Hd, D), w2 (K, Hd), b2 (K,) -> (M, K).
+
+    The (rows, hidden) activation is the largest tensor of a step (128 floats per pixel against 16
+    of state); chunk by chunk it stays in cache. fc1's bias rides in ``x``'s constant column, and
+    b2 is added once at the end, so no GEMM has to copy a broadcast bias into its output first
+    (that copy was 8 % of a step). w2 is transposed into contiguous memory once: the narrow
+    (chunk, 128) x (128, 16) product runs 20 % faster on it than on a transposed view.
+    """
+    out = x.new_empty(x.shape[0], w2.shape[0])  # (M, K)
+    w2t = w2.t().contiguous()  # (Hd, K)
+    for rows in _chunks(x.shape[0]):
+        hidden = torch.mm(x[rows], w1.t()).relu_()  # (chunk, Hd)
+        torch.mm(hidden, w2t, out=out[rows])
+    return out.add_(b2)
 
 
-class _ChunkedMLP(torch.autograd.Function):
-    """``relu(x @ w1.T) @ w2.T + b2`` over row chunks, recomputing the hidden layer in backward.
+def row_updates(
+    rows: torch.Tensor, weights: Sequence[torch.Tensor], patches: torch.Tensor, maps: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """MLP updates (M, K) of pixel ``rows`` (M,), distinct, whose input rows are those of the
+    perception ``maps`` (F tensors (N, K)) and of ``patches`` (N, 9C + 1) side by side; ``weights``
+    from :meth:`RNCA.mlp_weights`. Differentiable (:class:`_RowUpdates`)."""
+    return _RowUpdates.apply(rows, *weights, patches, *maps)
 
-    The (rows, hidden) activation is the largest tensor of a step (128 floats per pixel against
-    16 of state). Computed and consumed chunk by chunk it stays in cache, forward and backward;
-    backward pays one extra first-layer GEMM per chunk instead of a round trip through memory.
-    Together with the gathered firing rows, training went from 1.5-1.8x to 2.7x the straightforward
-    formulation (benchmarks/SPEED.md). fc1's bias rides in ``x``'s constant column, and b2 is added once at the end, so
-    no GEMM has to copy a broadcast bias into its output first (that copy was 8 % of a step).
+
+class _RowUpdates(torch.autograd.Function):
+    """Gather the input rows of the pixels to update and run the MLP on them, as one autograd node.
+
+    Forward gathers ``[maps..., patches]`` at ``rows`` into one (M, D) matrix (no concatenation)
+    and runs :func:`mlp`. Backward works chunk by chunk (rows of 2048):
+
+    * it recomputes the chunk's hidden layer instead of storing 64 steps of (M, 128) activations
+      (one extra first-layer GEMM against a round trip through main memory);
+    * the ReLU backward is one fused ``threshold_backward`` pass (35 -> 15 ms per step, 28k rows);
+    * fc1's weight gradient accumulates transposed, ``x.T @ g`` into (D, Hd): 310 -> 190 us per
+      chunk against ``g.T @ x`` into (Hd, D) (A/B, same run);
+    * the input gradient is computed for the perception columns only, which need it (the image
+      patch columns are data): (chunk, 128) x (128, 48) instead of x (128, 58), 280 -> 120 us;
+    * the map gradients are rows copied into place (``index_copy_``; rows are distinct) rather
+      than scatter-added: 1.3 -> 0.6 ms per map and step.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w2, b2):  # x (M, D), w1 (Hd, D), w2 (K, Hd), b2 (K,)
-        out = x.new_empty(x.shape[0], w2.shape[0])  # (M, K)
-        for rows in _chunks(x.shape[0]):
-            hidden = torch.mm(x[rows], w1.t()).relu_()  # (chunk, Hd)
-            torch.mm(hidden, w2.t(), out=out[rows])
-        ctx.save_for_backward(x, w1, w2)
-        return out.add_(b2)
+    def forward(ctx, rows, w1, w2, b2, patches, *maps):
+        if ctx.needs_input_grad[4]:
+            raise ValueError("row_updates: image patches are data, no gradient flows to them")
+        x = gather_rows(rows, [*maps, patches])  # (M, F*K + 9C + 1)
+        ctx.save_for_backward(rows, x, w1, w2)
+        ctx.map_shapes = [m.shape for m in maps]
+        return mlp(x, w1, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):  # grad (M, K)
-        x, w1, w2 = ctx.saved_tensors
+        rows, x, w1, w2 = ctx.saved_tensors
         grad = grad.contiguous()
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        for rows in _chunks(x.shape[0]):
-            hidden = torch.mm(x[rows], w1.t()).relu_()  # (chunk, Hd), recomputed
-            gw2.addmm_(grad[rows].t(), hidden)
-            # Through the ReLU in one fused pass (a compare and a masked fill: 35 -> 15 ms per
-            # step's backward, 28k rows).
-            g_hidden = torch.ops.aten.threshold_backward(grad[rows] @ w2, hidden, 0.0)  # (chunk, Hd)
-            gw1.addmm_(g_hidden.t(), x[rows])
-            if gx is not None:
-                torch.mm(g_hidden, w1, out=gx[rows])
-        return gx, gw1, gw2, grad.sum(0)
+        want_maps = any(ctx.needs_input_grad[5:])
+        n_feat = sum(shape[1] for shape in ctx.map_shapes)  # the perception columns of x
+        w1_feat = w1[:, :n_feat].contiguous()  # (Hd, F*K)
+        g_feat = x.new_empty(x.shape[0], n_feat) if want_maps else None  # (M, F*K)
+        gw1t, gw2 = x.new_zeros(x.shape[1], w1.shape[0]), torch.zeros_like(w2)  # (D, Hd), (K, Hd)
+        for chunk in _chunks(x.shape[0]):
+            hidden = torch.mm(x[chunk], w1.t()).relu_()  # (chunk, Hd), recomputed
+            gw2.addmm_(grad[chunk].t(), hidden)
+            g_hidden = torch.ops.aten.threshold_backward(grad[chunk] @ w2, hidden, 0.0)  # (chunk, Hd)
+            gw1t.addmm_(x[chunk].t(), g_hidden)
+            if g_feat is not None:
+                torch.mm(g_hidden, w1_feat, out=g_feat[chunk])
+        map_grads, col = [], 0
+        for shape, needed in zip(ctx.map_shapes, ctx.needs_input_grad[5:]):
+            if needed:
+                map_grads.append(g_feat.new_zeros(shape).index_copy_(0, rows, g_feat[:, col : col + shape[1]]))
+            else:
+                map_grads.append(None)
+            col += shape[1]
+        return None, gw1t.t(), gw2, grad.sum(0), None, *map_grads
 
 
 def gather_rows(rows: torch.Tensor, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,27 +363,6 @@ def gather_rows(rows: torch.Tensor, tensors: Sequence[torch.Tensor], out: torch.
         torch.index_select(t, 0, rows, out=out[:, col : col + t.shape[1]])
         col += t.shape[1]
     return out
-
-
-class _GatherRows(torch.autograd.Function):
-    """:func:`gather_rows` for distinct ``rows``, whose backward copies gradient rows into place
-    (index_copy) instead of scatter-adding them: 1.3 -> 0.6 ms per tensor and step."""
-
-    @staticmethod
-    def forward(ctx, rows, *tensors):
-        ctx.save_for_backward(rows)
-        ctx.shapes = [t.shape for t in tensors]
-        return gather_rows(rows, tensors)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (M, sum w_i)
-        (rows,) = ctx.saved_tensors
-        grads, col = [], 0
-        for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[1:]):
-            part = grad[:, col : col + shape[1]]
-            grads.append(grad.new_zeros(shape).index_copy_(0, rows, part) if needed else None)
-            col += shape[1]
-        return (None, *grads)
 
 
 def _chunks(n: int):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, visible
+from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, row_updates, visible
 
 from conftest import tiny_model
 
@@ -141,15 +141,22 @@ def test_gradients_equal_those_of_the_concatenating_formulation():
     assert any(float(g.abs().max()) > 0 for g in grads[0].values())
 
 
-def test_chunked_mlp_backward_matches_autograd(monkeypatch):
+def test_row_updates_backward_matches_autograd(monkeypatch):
+    """The gathering, chunk-recomputing MLP node has the exact gradient of its forward."""
     monkeypatch.setattr("rnca_cli.model._MLP_CHUNK", 7)  # several chunks, one ragged
     model = tiny_model().double()
-    x = torch.randn(30, model.n_features + 10, dtype=torch.float64, requires_grad=True)
-    params = (model.fc1().detach().requires_grad_(), model.fc2.weight.detach().requires_grad_(),
-              model.fc2.bias.detach().requires_grad_())
-    from rnca_cli.model import _ChunkedMLP
+    k, f = model.config.channels, model.config.filters
+    maps = [torch.randn(40, k, dtype=torch.float64, requires_grad=True) for _ in range(f)]
+    patches = torch.randn(40, 10, dtype=torch.float64)
+    weights = [w.detach().requires_grad_() for w in model.mlp_weights()]
+    rows = torch.tensor([0, 3, 4, 9, 17, 18, 25, 26, 30, 31, 33, 38, 39])  # distinct, 13 of 40
 
-    assert torch.autograd.gradcheck(_ChunkedMLP.apply, (x, *params))
+    def fn(*args):
+        return row_updates(rows, args[:3], patches, args[3:])
+
+    assert torch.autograd.gradcheck(fn, (*weights, *maps))
+    with pytest.raises(ValueError, match="image patches are data"):
+        row_updates(rows, weights, patches.requires_grad_(), maps)
 
 
 def test_fire_noise_is_uniform_deterministic_and_tile_consistent():
