@@ -404,25 +404,23 @@ class FireNoise:
         ys = torch.arange(origin[0], origin[0] + h, device=device, dtype=torch.int64)
         xs = torch.arange(origin[1], origin[1] + w, device=device, dtype=torch.int64)
         cell = (ys[:, None] << 20) | xs[None, :]  # (H, W)
-        self._base = cell[None] + _splitmix(seeds.to(torch.int64).view(-1, 1, 1) + _GOLDEN)  # (B, H, W)
+        # (B, H, W) int64: each cell's hash key; step t's draw is a function of key and t only.
+        self.keys = cell[None] + _splitmix(seeds.to(torch.int64).view(-1, 1, 1) + _GOLDEN)
 
     def select(self, samples: torch.Tensor) -> "FireNoise":
         """The same draws for a subset of the samples (a (B,) bool mask or indices)."""
         subset = object.__new__(FireNoise)
-        subset._base = self._base[samples]
+        subset.keys = self.keys[samples]
         return subset
 
     def uniform(self, t: int) -> torch.Tensor:
         """(B, 1, H, W) float32 in [0, 1) for step ``t``."""
-        return self._draw(self._base, t).unsqueeze(1)
-
-    def uniform_at(self, t: int, rows: torch.Tensor) -> torch.Tensor:
-        """(M,) float32: the draws of step ``t`` at ``rows`` of the (b, y, x)-flattened grid only."""
-        return self._draw(self._base.view(-1).index_select(0, rows), t)
+        return self.draw(self.keys, t).unsqueeze(1)
 
     @staticmethod
-    def _draw(base: torch.Tensor, t: int) -> torch.Tensor:
-        z = _splitmix(base + (t << 40))
+    def draw(keys: torch.Tensor, t: int) -> torch.Tensor:
+        """float32 in [0, 1), shaped like ``keys`` (any subset of :attr:`keys`): the draws of step ``t``."""
+        z = _splitmix(keys + (t << 40))
         return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 

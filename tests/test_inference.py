@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rnca_cli import inference
-from rnca_cli.model import visible
+from rnca_cli.model import RNCA, ModelConfig, visible
 
 from conftest import ring, tiny_model
 
@@ -56,6 +56,29 @@ def test_sparse_steps_run_and_agree_when_little_is_alive():
     assert stats["sparse_steps"] > 10  # the point of the test: the gathered path really ran
     assert 0 < stats["alive_share"] < stats["block_share"] < 1
     np.testing.assert_allclose(out, reference(model, image, mask, 30, 2), atol=1e-5)
+
+
+def test_sparse_steps_follow_growth_across_block_edges_and_image_borders():
+    """A model that grows from single cells: activity crosses block edges and corners, reaches the
+    image border and its padding to whole blocks; sparse steps must track it exactly."""
+    torch.manual_seed(0)
+    model = RNCA(ModelConfig(channels=4, hidden=8, visible_floor=0.0))
+    torch.nn.init.normal_(model.fc2.weight, std=0.05)
+    with torch.no_grad():
+        model.fc2.bias.copy_(torch.tensor([0.08, 0.0, 0.0, 0.0]))
+    image = torch.from_numpy(np.random.default_rng(0).random((2, 1, 100, 90)).astype(np.float32))
+    mask = torch.zeros(2, 100, 90)
+    seeds_at = [(0, 15, 15), (0, 60, 47), (1, 1, 88), (1, 99, 0), (1, 47, 31)]  # near a block corner, the border
+    for b, y, x in seeds_at:
+        mask[b, y, x] = 1.0
+    for steps in (6, 25):
+        stats = {}
+        out = inference.rollout(model, image, mask, steps, torch.tensor([1, 2]), stats=stats)
+        with torch.no_grad():
+            ref = visible(model.rollout(image, mask, steps, seeds=torch.tensor([1, 2]))[0])
+        assert stats["dense_steps"] == 0 and stats["sparse_steps"] == steps
+        assert int((ref > 0.1).sum()) > 10 * len(seeds_at)  # it did grow from the seed cells
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("tile", [16, 40])
