@@ -19,10 +19,12 @@
   with state, so after each step the 16 x 16 blocks holding a kept cell, and their neighbours
   across an edge that a kept cell lies within 2 pixels of, are the only ones the next step can
   change (:meth:`_Run.reach`). When they are fewer than half the blocks, the step
-  (:meth:`_Run.sparse_step`) gathers them with a 2-pixel margin as buffer rows and does all its
-  work (alive tests, perception, update mask, clearing) on them, nothing on the whole image:
-  512x512 with one ring, 4.6 -> 2.1 ms per steady-state step (A/B in one run), where a whole-image
-  step costs 50-85 ms. Otherwise the step runs on the whole image (:meth:`_Run.dense_step`).
+  (:meth:`_Run.sparse_step`) gathers their visible channel with a 2-pixel margin as buffer rows
+  and does all its work (alive tests, update mask, clearing) on them, nothing on the whole image;
+  the cells to update get their perception from their gathered 3x3 neighbourhoods through a
+  first layer with the perception folded in (:meth:`_Run.update_sparse`). 512x512 with one ring:
+  4.6 -> 2.1 ms per steady-state step (A/B in one run), where a whole-image step costs 45-85 ms.
+  Otherwise the step runs on the whole image (:meth:`_Run.dense_step`).
 * **Tiles.** One step reads neighbours 2 pixels away (1 through perception, 1 more through the
   alive test of the neighbours' tentative values). A tile grown by a halo of ``2 * steps + 1``
   pixels (one more for the image convolution) therefore refines its core exactly as the whole
@@ -93,7 +95,8 @@ def rollout(
     run.inside[:, :h, :w] = True  # padding cells never update
     run.padded = (hp, wp) != (h, w)
     run.counting = stats is not None
-    reach = run.reach_from(run.buf[:, 0, RING:-RING, RING:-RING] != 0)  # blocks the next step can change
+    run.held = run.buf[:, 0, RING:-RING, RING:-RING] != 0  # (B, Hp, Wp): cells that may hold state
+    reach = run.reach_from(run.held)  # blocks the next step can change
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0, "update_share": 0.0}
     seconds = []
 
@@ -131,8 +134,11 @@ class _Run:
         self.model, self.buf = model, buf
         self.counting = False  # count alive cells for the statistics
         self.padded = True  # the image was padded to whole blocks: sparse steps test ``inside``
+        self.held = None  # (B, Hp, Wp) bool: cells that may hold a nonzero state (all others do not)
         self.patches = patches.to(dtype)  # (B*Hp*Wp, 9C + 1)
         self.weights = model.mlp_weights(dtype)  # cast once per rollout
+        self.filters = model.perception_filters()  # sliced once per rollout (190 us per step at 1 ring)
+        self.w_neighbours = tuple(w.to(dtype) for w in model.fc1_neighbourhood())  # for sparse steps
         self.keys = noise.keys.reshape(-1)  # (B*Hp*Wp,) update-mask hash keys, per pixel row
         b, k, hr, wr = buf.shape
         hp, wp, s, dev = hr - 2 * RING, wr - 2 * RING, BLOCK, buf.device
@@ -159,6 +165,8 @@ class _Run:
         ar = [torch.arange(-m, s + m, device=dev) for m in range(RING + 1)]
         self.buf_offsets = [(a[:, None] * wr + a[None, :]).reshape(-1) for a in ar]  # margin m: ((S+2m)^2,)
         self.pix_offsets = (ar[0][:, None] * wp + ar[0][None, :]).reshape(-1)  # (S*S,)
+        self.taps = self.buf_offsets[1].view(s + 2, s + 2)[:3, :3].reshape(-1)  # (9,) a cell's 3x3, (dy, dx) order
+        self.neighbourhoods = buf.new_empty(0, k)  # gathered 3x3 neighbourhoods of sparse steps, grown on demand
         # MLP input rows [state features, image patch, 1], reused every step, grown on demand
         # (at most half the pixels fire at the paper's rate).
         self.x = buf.new_empty(0, model.n_features + patches.shape[1], dtype=dtype)
@@ -183,6 +191,26 @@ class _Run:
         self.flat.index_add_(0, rows, delta.to(self.flat.dtype))
         return len(pix)
 
+    def update_sparse(self, pix: torch.Tensor, rows: torch.Tensor) -> int:
+        """:meth:`update` without perception maps: each cell's 3x3 neighbourhood of state is gathered
+        (9 buffer rows) and the first layer is :meth:`~rnca_cli.model.RNCA.fc1_neighbourhood`.
+
+        Convolving whole blocks (three depthwise convolutions of the gathered blocks, then a copy of
+        the needed rows) cost more than the first layer's extra width (9K = 144 inputs instead of
+        3K = 48): 512x512 with 4 rings, 8.5 -> 7.3-7.6 ms per steady-state step (A/B, twice). The
+        folded weights sum in another order than convolution then fc1, so sparse and dense steps
+        agree to float rounding (1.6e-6 on that image after 64 steps), not bit for bit.
+        """
+        m, k = len(rows), self.flat.shape[1]
+        if m * 9 > len(self.neighbourhoods):
+            self.neighbourhoods = self.neighbourhoods.new_empty(min(len(self.buf_rows), m * 5 // 4) * 9, k)
+        nb = self.neighbourhoods[: m * 9]
+        torch.index_select(self.flat, 0, (rows[:, None] + self.taps).view(-1), out=nb)
+        x = (nb.view(m, 9 * k).to(self.patches.dtype), self.patches.index_select(0, pix))
+        delta = mlp(x, self.w_neighbours, *self.weights[1:])  # (M, K)
+        self.flat.index_add_(0, rows, delta.to(self.flat.dtype))
+        return m
+
     def dense_step(self, t: int) -> tuple[torch.Tensor, int, int]:
         """One step on the whole image. Returns (:meth:`reach` after it, alive cells, updated cells)."""
         model, buf, thr = self.model, self.buf, self.model.config.alive_threshold
@@ -192,10 +220,11 @@ class _Run:
         pix = todo.view(-1).nonzero().squeeze(1)  # (M,)
         if model.config.fire_rate < 1.0:
             pix = pix[self.fires(t, pix)]
-        maps = model.perceive(buf, padding=0)  # F x (B*(Hp+2)*(Wp+2), K): unpadded, the ring pads
+        maps = model.perceive(buf, padding=0, filters=self.filters)  # F x (B*(Hp+2)*(Wp+2), K): unpadded, the ring pads
         updated = self.update(maps, self.map_rows[pix], pix, self.buf_rows[pix])
         keep = pre & (max3x3(buf[:, 0, 1:-1, 1:-1]) >= thr)  # (B, Hp, Wp)
         buf[:, :, RING:-RING, RING:-RING] *= keep.unsqueeze(1).to(buf.dtype)
+        self.held = keep
         alive = int(pre.logical_and_(self.inside).sum()) if self.counting else 0
         return self.reach_from(keep), alive, updated
 
@@ -203,15 +232,16 @@ class _Run:
         """One step on ``blocks`` (block ids, (nc,)), which hold every cell the step can change.
         Returns (:meth:`reach` after it, alive cells, updated cells).
 
-        The blocks are gathered from the buffer with a 2-pixel margin, as rows (one index_select):
-        the alive test and its 3x3 neighbourhood for the blocks' cells come from that window, the
-        perception from its inner 1-pixel margin. Only cells to update are gathered for the MLP.
+        The visible channel of the blocks is gathered with a 2-pixel margin (one index_select of
+        buffer rows): the alive test and its 3x3 neighbourhood for the blocks' cells come from it.
+        Only the cells to update are gathered for the MLP, with their 3x3 neighbourhoods
+        (:meth:`update_sparse`); no block is convolved.
         """
-        model, k, s, thr = self.model, self.buf.shape[1], BLOCK, self.model.config.alive_threshold
+        model, s, thr = self.model, BLOCK, self.model.config.alive_threshold
         nc = len(blocks)
         org = self.buf_origin.index_select(0, blocks)[:, None]  # (nc, 1)
-        window = self.flat.index_select(0, (org + self.buf_offsets[2]).view(-1)).view(nc, s + 4, s + 4, k)
-        pre_ring = max3x3(window[..., 0].contiguous()) >= thr  # (nc, S+2, S+2): the blocks and a 1-pixel ring
+        vis = self.flat[:, 0].index_select(0, (org + self.buf_offsets[2]).view(-1)).view(nc, s + 4, s + 4)
+        pre_ring = max3x3(vis) >= thr  # (nc, S+2, S+2): the blocks and a 1-pixel ring
         pre = pre_ring[:, 1:-1, 1:-1]  # (nc, S, S)
         pix_all = (self.pix_origin.index_select(0, blocks)[:, None] + self.pix_offsets).view(-1)  # (nc*S*S,)
         todo = max3x3(pre_ring).view(-1)  # (nc*S*S,)
@@ -222,19 +252,20 @@ class _Run:
         if model.config.fire_rate < 1.0:
             local = local[self.fires(t, pix_all[local])]
         rows_all = (org + self.buf_offsets[0]).view(-1)  # (nc*S*S,) buffer rows of the blocks' cells
-        updated = 0
-        if len(local):
-            inner = window[:, 1:-1, 1:-1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-            maps = model.perceive(inner, padding=0)  # F x (nc*S*S, K), block-local rows
-            updated = self.update(maps, local, pix_all[local], rows_all[local])
+        updated = self.update_sparse(pix_all[local], rows_all[local]) if len(local) else 0
         # Alive test of the tentative state (neighbouring blocks' updates included), then clear
         # the cells that are not alive both before and after.
         vis = self.flat[:, 0].index_select(0, (org + self.buf_offsets[1]).view(-1)).view(nc, s + 2, s + 2)
-        keep = (max3x3(vis) >= thr).logical_and_(pre)  # (nc, S, S)
-        self.flat.index_fill_(0, rows_all[~keep.view(-1)], 0.0)
+        keep = (max3x3(vis) >= thr).logical_and_(pre).view(-1)  # (nc*S*S,)
+        # Clear the cells that may hold state (held it before, or were updated) and are not kept;
+        # the blocks' other cells are zero already. 4 rings: 23k cleared rows -> a few hundred.
+        held = self.held.view(-1)
+        clear = held.index_select(0, pix_all).index_fill_(0, local, True).logical_and_(~keep)
+        self.flat.index_fill_(0, rows_all[clear], 0.0)
+        held.index_copy_(0, pix_all, keep)
         if self.counting:
             alive = int((pre.reshape(-1) & inside).sum()) if inside is not None else int(pre.sum())
-        return self.reach(keep, blocks), alive if self.counting else 0, updated
+        return self.reach(keep.view(nc, s, s), blocks), alive if self.counting else 0, updated
 
     def reach_from(self, keep: torch.Tensor) -> torch.Tensor:
         """:meth:`reach` for a whole-image ``keep`` (B, Hp, Wp)."""

@@ -155,17 +155,25 @@ class RNCA(nn.Module):
         cols = F.unfold(image, 3, padding=1).transpose(1, 2).reshape(b * h * w, 9 * c)  # (B*H*W, 9C)
         return torch.cat([cols, cols.new_ones(b * h * w, 1)], 1)
 
-    def perceive(self, state: torch.Tensor, padding: int = 1) -> list[torch.Tensor]:
+    def perceive(
+        self, state: torch.Tensor, padding: int = 1, filters: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """State perception: F tensors (B*H'*W', K), filter i applied to every channel, rows in
-        (b, y, x) order (H' = H + 2*padding - 2).
+        (b, y, x) order (H' = H + 2*padding - 2). ``filters``: :meth:`perception_filters`, when the
+        caller keeps them for many steps.
 
         One depthwise convolution per filter rather than one with F outputs per channel: oneDNN's
         one-output-per-channel kernel is about 3x faster (16 x 64x64, K=16: 3.9 ms -> 1.3 ms for all
         three filters). :meth:`fc1` orders its columns to match.
         """
-        k, f = self.config.channels, self.config.filters
-        maps = (F.conv2d(state, self.state_filters[i::f].contiguous(), padding=padding, groups=k) for i in range(f))
+        k = self.config.channels
+        maps = (F.conv2d(state, w, padding=padding, groups=k) for w in filters or self.perception_filters())
         return [m.permute(0, 2, 3, 1).reshape(-1, k) for m in maps]  # views for channels_last input
+
+    def perception_filters(self) -> list[torch.Tensor]:
+        """F depthwise weights (K, 1, 3, 3), filter i of every channel (differentiable)."""
+        f = self.config.filters
+        return [self.state_filters[i::f].contiguous() for i in range(f)]
 
     def fc1(self) -> torch.Tensor:
         """First MLP layer as one bias-free weight (hidden, F*K + 9C + 1) on the rows
@@ -180,6 +188,22 @@ class RNCA(nn.Module):
         w_state = self.fc1_state.weight.view(hidden, k, f).transpose(1, 2).reshape(hidden, f * k)  # filter-major
         w_image = self.fc1_image.weight @ self.image_conv.weight.reshape(self.n_features, -1)  # (hidden, 9C)
         return torch.cat([w_state, w_image, self.fc1_image.bias[:, None]], 1)
+
+    def fc1_neighbourhood(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fc1` with the state perception folded in: (hidden, 9K) on a pixel's raw 3x3
+        neighbourhood of state, rows ``[s(y-1, x-1), s(y-1, x), ..., s(y+1, x+1)]`` (each K
+        channels), and (hidden, 9C + 1) on its image patch and 1, as in :meth:`fc1`.
+
+        ``fc1_state @ perceive(state)`` is linear in the neighbourhood: tap (dy, dx) of channel c
+        contributes ``sum_i fc1_state[:, (c, i)] * filter_i[c, dy, dx]``. Where few cells are
+        updated, gathering each one's 9 neighbour rows is cheaper than convolving whole blocks.
+        """
+        cfg = self.config
+        hidden, k, f = cfg.hidden, cfg.channels, cfg.filters
+        w_state = self.fc1_state.weight.view(hidden, k, f)  # (hidden, c, i)
+        taps = self.state_filters.view(k, f, 3, 3)  # (c, i, dy, dx)
+        w9 = torch.einsum("hci,ciyx->hyxc", w_state, taps).reshape(hidden, 9 * k)
+        return w9, self.fc1()[:, f * k :]
 
     def alive(self, visible: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) visible -> (B, 1, H, W) bool: 3x3 max >= alive_threshold.
@@ -274,9 +298,12 @@ class RNCA(nn.Module):
         return visible(state)
 
 
-def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def mlp(x: torch.Tensor | Sequence[torch.Tensor], w1: torch.Tensor | Sequence[torch.Tensor], w2: torch.Tensor,
+        b2: torch.Tensor) -> torch.Tensor:
     """``relu(x @ w1.T) @ w2.T + b2`` in cache-sized row chunks, without autograd (inference, and
     the forward of :class:`_RowUpdates`). x (M, D), w1 (Hd, D), w2 (K, Hd), b2 (K,) -> (M, K).
+    ``x`` and ``w1`` may also be matching sequences of column blocks, ``[x_j]`` (M, D_j) and
+    ``[w1_j]`` (Hd, D_j): the first layer is then ``sum_j x_j @ w1_j.T``, with no concatenation.
 
     The (rows, hidden) activation is the largest tensor of a step (128 floats per pixel against 16
     of state); chunk by chunk it stays in cache. fc1's bias rides in ``x``'s constant column, and
@@ -284,11 +311,14 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -
     (that copy was 8 % of a step). w2 is transposed into contiguous memory once: the narrow
     (chunk, 128) x (128, 16) product runs 20 % faster on it than on a transposed view.
     """
-    out = x.new_empty(x.shape[0], w2.shape[0])  # (M, K)
+    xs, w1s = ([x], [w1]) if isinstance(x, torch.Tensor) else (x, w1)
+    out = xs[0].new_empty(xs[0].shape[0], w2.shape[0])  # (M, K)
     w2t = w2.t().contiguous()  # (Hd, K)
-    for rows in _chunks(x.shape[0]):
-        hidden = torch.mm(x[rows], w1.t()).relu_()  # (chunk, Hd)
-        torch.mm(hidden, w2t, out=out[rows])
+    for rows in _chunks(xs[0].shape[0]):
+        hidden = torch.mm(xs[0][rows], w1s[0].t())  # (chunk, Hd)
+        for xj, wj in zip(xs[1:], w1s[1:]):
+            hidden.addmm_(xj[rows], wj.t())
+        torch.mm(hidden.relu_(), w2t, out=out[rows])
     return out.add_(b2)
 
 
@@ -419,8 +449,14 @@ class FireNoise:
 
     @staticmethod
     def draw(keys: torch.Tensor, t: int) -> torch.Tensor:
-        """float32 in [0, 1), shaped like ``keys`` (any subset of :attr:`keys`): the draws of step ``t``."""
-        z = _splitmix(keys + (t << 40))
+        """float32 in [0, 1), shaped like ``keys`` (any subset of :attr:`keys`): the draws of step ``t``.
+
+        The top 24 bits of splitmix64(keys + t * 2^40). Its last round, ``z ^ (z >>> 31)``, leaves
+        the top 24 bits as they are (bits 40-63 of ``z >>> 31`` are zero), so it is skipped.
+        """
+        z = keys + (t << 40)
+        z = (z ^ _shr(z, 30)) * _MIX1
+        z = (z ^ _shr(z, 27)) * _MIX2
         return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 

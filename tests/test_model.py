@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, row_updates, visible
+from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, mlp, row_updates, visible
 
 from conftest import tiny_model
 
@@ -139,6 +139,31 @@ def test_gradients_equal_those_of_the_concatenating_formulation():
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], rtol=1e-4, atol=1e-6), name
     assert any(float(g.abs().max()) > 0 for g in grads[0].values())
+
+
+def test_fc1_on_the_raw_neighbourhood_equals_fc1_on_perception():
+    """The folded first layer of sparse inference steps: same pre-activations up to rounding."""
+    model = tiny_model(3)
+    k = model.config.channels
+    state = torch.randn(2, k, 9, 11)
+    maps = model.perceive(state.contiguous(memory_format=torch.channels_last), padding=0)  # 7x9 interior
+    patches = torch.randn(2 * 7 * 9, 10)
+    expected = torch.cat([*maps, patches], 1) @ model.fc1().t()
+    w9, w_rest = model.fc1_neighbourhood()
+    neighbourhoods = F.unfold(state, 3).view(2, k, 9, 63).permute(0, 3, 2, 1).reshape(2 * 63, 9 * k)  # (dy, dx), c
+    got = neighbourhoods @ w9.t() + patches @ w_rest.t()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_on_column_blocks_equals_mlp_on_their_concatenation(monkeypatch):
+    monkeypatch.setattr("rnca_cli.model._MLP_CHUNK", 5)  # several chunks, one ragged
+    model = tiny_model()
+    x = torch.randn(23, model.n_features + 10)
+    w1, w2, b2 = (w.detach() for w in model.mlp_weights())  # mlp() is the no-autograd forward
+    whole = mlp(x, w1, w2, b2)
+    split = mlp((x[:, :7], x[:, 7:]), (w1[:, :7], w1[:, 7:]), w2, b2)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
+    assert whole.shape == (23, model.config.channels)
 
 
 def test_row_updates_backward_matches_autograd(monkeypatch):
