@@ -263,9 +263,10 @@ class _Run:
         clear = held.index_select(0, pix_all).index_fill_(0, local, True).logical_and_(~keep)
         self.flat.index_fill_(0, rows_all[clear], 0.0)
         held.index_copy_(0, pix_all, keep)
+        alive = 0
         if self.counting:
             alive = int((pre.reshape(-1) & inside).sum()) if inside is not None else int(pre.sum())
-        return self.reach(keep.view(nc, s, s), blocks), alive if self.counting else 0, updated
+        return self.reach(keep.view(nc, s, s), blocks), alive, updated
 
     def reach_from(self, keep: torch.Tensor) -> torch.Tensor:
         """:meth:`reach` for a whole-image ``keep`` (B, Hp, Wp)."""
