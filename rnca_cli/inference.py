@@ -87,15 +87,12 @@ def rollout(
     run = _Run(
         model=model,
         buf=image.new_zeros(b, hp + 2 * RING, wp + 2 * RING, k).permute(0, 3, 1, 2),  # channels_last
+        mask=mask.clamp(cfg.visible_floor, 1.0),
         patches=model.image_patches(F.pad(image, (0, wp - w, 0, hp - h))),  # (B*Hp*Wp, 9C + 1)
         noise=FireNoise(seeds.to(image.device), (hp, wp), origin),
         dtype=PRECISIONS[precision],
+        counting=stats is not None,
     )
-    run.buf[:, 0, RING : h + RING, RING : w + RING] = mask.clamp(cfg.visible_floor, 1.0)
-    run.inside[:, :h, :w] = True  # padding cells never update
-    run.padded = (hp, wp) != (h, w)
-    run.counting = stats is not None
-    run.held = run.buf[:, 0, RING:-RING, RING:-RING] != 0  # (B, Hp, Wp): cells that may hold state
     reach = run.reach_from(run.held)  # blocks the next step can change
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0, "update_share": 0.0}
     seconds = []
@@ -130,11 +127,13 @@ class _Run:
     on index arithmetic.
     """
 
-    def __init__(self, model: RNCA, buf: torch.Tensor, patches: torch.Tensor, noise: FireNoise, dtype: torch.dtype):
-        self.model, self.buf = model, buf
-        self.counting = False  # count alive cells for the statistics
-        self.padded = True  # the image was padded to whole blocks: sparse steps test ``inside``
-        self.held = None  # (B, Hp, Wp) bool: cells that may hold a nonzero state (all others do not)
+    def __init__(
+        self, model: RNCA, buf: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor, noise: FireNoise,
+        dtype: torch.dtype, counting: bool,
+    ):
+        """``buf``: the zero state buffer (B, K, Hp+4, Wp+4); ``mask`` (B, H, W): the initial visible
+        channel, H <= Hp and W <= Wp; ``counting``: count alive cells for the statistics."""
+        self.model, self.buf, self.counting = model, buf, counting
         self.patches = patches.to(dtype)  # (B*Hp*Wp, 9C + 1)
         self.weights = model.mlp_weights(dtype)  # cast once per rollout
         self.filters = model.perception_filters()  # sliced once per rollout (190 us per step at 1 ring)
@@ -143,7 +142,12 @@ class _Run:
         b, k, hr, wr = buf.shape
         hp, wp, s, dev = hr - 2 * RING, wr - 2 * RING, BLOCK, buf.device
         self.flat = buf.permute(0, 2, 3, 1).view(-1, k)  # (B*(Hp+4)*(Wp+4), K), the same memory
+        h, w = mask.shape[1:]
+        buf[:, 0, RING : h + RING, RING : w + RING] = mask
         self.inside = torch.zeros(b, hp, wp, dtype=torch.bool, device=dev)  # cells of the image proper
+        self.inside[:, :h, :w] = True  # padding cells never update
+        self.padded = (hp, wp) != (h, w)  # sparse steps test ``inside`` only then
+        self.held = buf[:, 0, RING:-RING, RING:-RING] != 0  # (B, Hp, Wp): cells that may hold state
         # Buffer row of each pixel row, and its row in dense perception maps (computed on the
         # buffer without its outer ring: (B, Hp+2, Wp+2) outputs).
         self.buf_rows = _grid_rows(b, hp, wp, RING, dev)
@@ -178,8 +182,7 @@ class _Run:
     def update(self, maps: list[torch.Tensor], map_rows: torch.Tensor, pix: torch.Tensor, rows: torch.Tensor) -> int:
         """Add the MLP update of the pixels with pixel rows ``pix`` and buffer rows ``rows``, whose
         features are rows ``map_rows`` of the perception ``maps``, to the buffer. Returns their number."""
-        if len(pix) > len(self.x):
-            self.x = self.x.new_empty(min(len(self.buf_rows), len(pix) * 5 // 4), self.x.shape[1])
+        self.x = self.reserve(self.x, len(pix))
         x = self.x[: len(pix)]  # (M, F*K + 9C + 1)
         features = x[:, : -self.patches.shape[1]]
         if x.dtype == maps[0].dtype:
@@ -187,8 +190,7 @@ class _Run:
         else:
             features.copy_(gather_rows(map_rows, maps))  # gathered in float32, then rounded
         gather_rows(pix, [self.patches], out=x[:, features.shape[1] :])
-        delta = mlp(x, *self.weights)  # (M, K)
-        self.flat.index_add_(0, rows, delta.to(self.flat.dtype))
+        self.flat.index_add_(0, rows, mlp(x, *self.weights).to(self.flat.dtype))
         return len(pix)
 
     def update_sparse(self, pix: torch.Tensor, rows: torch.Tensor) -> int:
@@ -202,14 +204,19 @@ class _Run:
         agree to float rounding (1.6e-6 on that image after 64 steps), not bit for bit.
         """
         m, k = len(rows), self.flat.shape[1]
-        if m * 9 > len(self.neighbourhoods):
-            self.neighbourhoods = self.neighbourhoods.new_empty(min(len(self.buf_rows), m * 5 // 4) * 9, k)
-        nb = self.neighbourhoods[: m * 9]
+        self.neighbourhoods = self.reserve(self.neighbourhoods, m * 9, per_pixel=9)
+        nb = self.neighbourhoods[: m * 9]  # (9M, K)
         torch.index_select(self.flat, 0, (rows[:, None] + self.taps).view(-1), out=nb)
         x = (nb.view(m, 9 * k).to(self.patches.dtype), self.patches.index_select(0, pix))
-        delta = mlp(x, self.w_neighbours, *self.weights[1:])  # (M, K)
-        self.flat.index_add_(0, rows, delta.to(self.flat.dtype))
+        self.flat.index_add_(0, rows, mlp(x, self.w_neighbours, *self.weights[1:]).to(self.flat.dtype))
         return m
+
+    def reserve(self, buffer: torch.Tensor, rows: int, per_pixel: int = 1) -> torch.Tensor:
+        """``buffer``, or a larger one if it has fewer than ``rows`` rows: reused across steps, grown
+        with a quarter to spare, never beyond ``per_pixel`` rows for every pixel of the image."""
+        if rows <= len(buffer):
+            return buffer
+        return buffer.new_empty(min(len(self.buf_rows) * per_pixel, rows * 5 // 4), buffer.shape[1])
 
     def dense_step(self, t: int) -> tuple[torch.Tensor, int, int]:
         """One step on the whole image. Returns (:meth:`reach` after it, alive cells, updated cells)."""
