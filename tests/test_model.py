@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, mlp, row_updates, visible
+from rnca_cli.model import (RNCA, FireNoise, ModelConfig, _chunks, count_parameters, draw_seeds, mlp, row_updates,
+                             visible)
 
 from conftest import tiny_model
 
@@ -141,18 +142,16 @@ def test_gradients_equal_those_of_the_concatenating_formulation():
     assert any(float(g.abs().max()) > 0 for g in grads[0].values())
 
 
-def test_fc1_on_the_raw_neighbourhood_equals_fc1_on_perception():
-    """The folded first layer of sparse inference steps: same pre-activations up to rounding."""
+def test_perception_matrix_on_raw_neighbourhoods_equals_perceive():
+    """Sparse inference steps perceive gathered 3x3 neighbourhoods with one matrix product."""
     model = tiny_model(3)
+    with torch.no_grad():
+        model.state_filters.normal_()  # learned filters differ per channel
     k = model.config.channels
     state = torch.randn(2, k, 9, 11)
     maps = model.perceive(state.contiguous(memory_format=torch.channels_last), padding=0)  # 7x9 interior
-    patches = torch.randn(2 * 7 * 9, 10)
-    expected = torch.cat([*maps, patches], 1) @ model.fc1().t()
-    w9, w_rest = model.fc1_neighbourhood()
     neighbourhoods = F.unfold(state, 3).view(2, k, 9, 63).permute(0, 3, 2, 1).reshape(2 * 63, 9 * k)  # (dy, dx), c
-    got = neighbourhoods @ w9.t() + patches @ w_rest.t()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(neighbourhoods @ model.perception_matrix(), torch.cat(maps, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_on_column_blocks_equals_mlp_on_their_concatenation(monkeypatch):
@@ -164,6 +163,13 @@ def test_mlp_on_column_blocks_equals_mlp_on_their_concatenation(monkeypatch):
     split = mlp((x[:, :7], x[:, 7:]), (w1[:, :7], w1[:, 7:]), w2, b2)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
     assert whole.shape == (23, model.config.channels)
+
+
+@pytest.mark.parametrize("n, sizes", [(0, []), (5, [5]), (2048, [2048]), (2300, [2300]), (3100, [1550, 1550]),
+                                      (5000, [2500, 2500]), (7000, [2334, 2334, 2332])])
+def test_mlp_chunks_are_balanced_and_cover_the_rows(n, sizes):
+    chunks = list(_chunks(n))
+    assert [len(range(n)[c]) for c in chunks] == sizes
 
 
 def test_row_updates_backward_matches_autograd(monkeypatch):
@@ -193,6 +199,13 @@ def test_fire_noise_is_uniform_deterministic_and_tile_consistent():
     assert not torch.equal(u[0], u[1])
     tile = FireNoise(torch.tensor([0, 1]), (10, 12), origin=(20, 30)).uniform(7)
     assert torch.equal(tile, noise.uniform(7)[:, :, 20:30, 30:42])
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.1, 1 / 3, 0.9, 2.0**-24, 1 - 2.0**-24, 1 - 2.0**-26, 0.0])
+def test_fires_is_exactly_the_draw_below_the_rate(rate):
+    keys = FireNoise(torch.tensor([3, 12345]), (40, 50), origin=(7, 9)).keys
+    for t in (0, 1, 63):
+        assert torch.equal(FireNoise.fires(keys, t, rate), FireNoise.draw(keys, t) < rate)
 
 
 def test_seeds_from_generators():
