@@ -17,14 +17,17 @@
   At the paper's fire rate that is at most half the pixels, fewer as the mask thins out.
 * **Only the blocks a step can change are touched.** A step reads at most 2 pixels around a cell
   with state, so after each step the 16 x 16 blocks holding a kept cell, and their neighbours
-  across an edge that a kept cell lies within 2 pixels of, are the only ones the next step can
-  change (:meth:`_Run.reach`). When they are fewer than half the blocks, the step
-  (:meth:`_Run.sparse_step`) gathers their visible channel with a 2-pixel margin as buffer rows
-  and does all its work (alive tests, update mask, clearing) on them, nothing on the whole image;
-  the cells to update get their perception from their gathered 3x3 neighbourhoods through a
-  first layer with the perception folded in (:meth:`_Run.update_sparse`). 512x512 with one ring:
-  4.6 -> 2.1 ms per steady-state step (A/B in one run), where a whole-image step costs 45-85 ms.
-  Otherwise the step runs on the whole image (:meth:`_Run.dense_step`).
+  across an edge (a corner) that a kept cell lies within 2 pixels of, are the only ones the next
+  step can change (:meth:`_Run.reach`). When they are fewer than half the blocks, the step
+  (:meth:`_Run.sparse_step`) gathers the visible channel of their *frames* (each block with a
+  2-pixel margin) side by side and does all its work (alive tests, update mask, clearing) there,
+  nothing on the whole image; the cells to update gather their 3x3 neighbourhoods and perceive
+  them with one small GEMM (:meth:`_Run.update_sparse`). Patches, update-mask keys and the
+  may-hold-state flags are laid out like the state buffer, so a sparse step indexes everything by
+  buffer row. 512x512 with one ring: 4.6 -> 2.1 ms per steady-state step when blocks replaced the
+  whole-image work, 2.45-2.50 -> 2.11-2.16 ms with frames (A/B in one process each), where a
+  whole-image step costs 45-85 ms. Otherwise the step runs on the whole image
+  (:meth:`_Run.dense_step`).
 * **Tiles.** One step reads neighbours 2 pixels away (1 through perception, 1 more through the
   alive test of the neighbours' tentative values). A tile grown by a halo of ``2 * steps + 1``
   pixels (one more for the image convolution) therefore refines its core exactly as the whole

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rnca_cli import inference
-from rnca_cli.model import RNCA, ModelConfig, visible
+from rnca_cli.model import RNCA, FireNoise, ModelConfig, visible
 
 from conftest import ring, tiny_model
 
@@ -79,6 +79,34 @@ def test_sparse_steps_follow_growth_across_block_edges_and_image_borders():
         assert stats["dense_steps"] == 0 and stats["sparse_steps"] == steps
         assert int((ref > 0.1).sum()) > 10 * len(seeds_at)  # it did grow from the seed cells
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def centre_block_run():
+    """A rollout's buffers for a 48x48 image: 3x3 blocks of 16x16, block 4 in the middle."""
+    model = tiny_model()
+    b, k, side = 1, model.config.channels, 48
+    buf = torch.zeros(b, side + 2 * inference.RING, side + 2 * inference.RING, k).permute(0, 3, 1, 2)
+    patches = model.image_patches(torch.zeros(b, 1, side + 2 * inference.RING, side + 2 * inference.RING))
+    noise = FireNoise(torch.tensor([0]), (side, side))
+    return inference._Run(model, buf, torch.zeros(b, side, side), patches, noise, torch.float32, counting=False)
+
+
+@pytest.mark.parametrize("cell, blocks", [
+    ((8, 8), {4}),
+    ((2, 2), {4}),  # 3 pixels from the edges: a step cannot reach the neighbours
+    ((0, 8), {1, 4}),
+    ((1, 2), {1, 4}),  # near the top edge only
+    ((1, 15), {1, 2, 4, 5}),  # within 2 pixels of the top-right corner
+    ((15, 0), {3, 4, 6, 7}),
+    ((14, 13), {4, 7}),
+])
+def test_reach_takes_the_blocks_a_kept_cell_can_change_next(cell, blocks):
+    run = centre_block_run()
+    keep = torch.zeros(1, inference.BLOCK, inference.BLOCK, dtype=torch.bool)
+    keep[0, cell[0], cell[1]] = True
+    reach = run.reach(keep, torch.tensor([4]))
+    assert set(reach.nonzero().view(-1).tolist()) == blocks
+    assert not run.reach(torch.zeros_like(keep), torch.tensor([4])).any()
 
 
 @pytest.mark.parametrize("tile", [16, 40])
