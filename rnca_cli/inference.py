@@ -141,7 +141,7 @@ class _Run:
         channel, H <= Hp and W <= Wp; ``patches``: one row per buffer row; ``noise``: for the
         (B, Hp, Wp) cells; ``counting``: count alive cells for the statistics."""
         self.model, self.buf, self.counting = model, buf, counting
-        cfg, s, r = model.config, BLOCK, RING
+        s, r = BLOCK, RING
         b, k, hr, wr = buf.shape
         hp, wp, dev = hr - 2 * r, wr - 2 * r, buf.device
         h, w = mask.shape[1:]
