@@ -272,9 +272,10 @@ class _Run:
         thr, nc, area = self.model.config.alive_threshold, len(blocks), FRAME * FRAME
         frames = self.frames.index_select(0, blocks).view(-1)  # (nc*A,) buffer rows
         pre = _frame_max3x3(self.visible.index_select(0, frames)) >= thr  # (nc*A,); all we read below is valid
-        todo = _frame_max3x3(pre).view(nc, area).logical_and_(self.core)  # within a pixel of pre, in the cores
+        cells = self.core  # (A,) or (nc, A): the frames' cells of the image proper
         if self.padded:
-            todo.logical_and_(self.inside.view(-1).index_select(0, frames).view(nc, area))
+            cells = self.inside.view(-1).index_select(0, frames).view(nc, area).logical_and_(self.core)
+        todo = _frame_max3x3(pre).view(nc, area).logical_and_(cells)  # within a pixel of pre
         rows = frames[todo.view(-1)]  # buffer rows of the cells to update
         if self.model.config.fire_rate < 1.0:
             rows = rows[self.fires(t, rows)]
@@ -291,10 +292,7 @@ class _Run:
         held.index_fill_(0, cleared, False)
         alive = 0
         if self.counting:
-            alive_cells = pre.view(nc, area) & self.core
-            if self.padded:
-                alive_cells &= self.inside.view(-1).index_select(0, frames).view(nc, area)
-            alive = int(alive_cells.sum())
+            alive = int((pre.view(nc, area) & cells).sum())
         cores = keep.view(nc, FRAME, FRAME)[:, RING:-RING, RING:-RING]  # (nc, S, S)
         return self.reach(cores, blocks), alive, updated
 
