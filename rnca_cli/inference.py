@@ -25,8 +25,9 @@
   them with one small GEMM (:meth:`_Run.update_sparse`). Patches, update-mask keys and the
   may-hold-state flags are laid out like the state buffer, so a sparse step indexes everything by
   buffer row. 512x512 with one ring: 4.6 -> 2.1 ms per steady-state step when blocks replaced the
-  whole-image work, 2.45-2.50 -> 2.11-2.16 ms with frames (A/B in one process each), where a
-  whole-image step costs 45-85 ms. Otherwise the step runs on the whole image
+  whole-image work, 2.45-2.50 -> 2.11-2.16 ms with frames, then to 1.4-1.5 ms with the vector
+  units woken before the GEMMs and the new states copied into place (A/B in one process each),
+  where a whole-image step costs 45-85 ms. Otherwise the step runs on the whole image
   (:meth:`_Run.dense_step`).
 * **Tiles.** One step reads neighbours 2 pixels away (1 through perception, 1 more through the
   alive test of the neighbours' tentative values). A tile grown by a halo of ``2 * steps + 1``
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, mlp, near, visible
+from .model import RNCA, FireNoise, gather_rows, max3x3, mlp, near, row_chunks, visible
 
 BLOCK = 16
 RING = 2  # zero pixels around the image in the state buffer: a block's 2-pixel margin never leaves it
@@ -98,7 +99,7 @@ def rollout(
         dtype=PRECISIONS[precision],
         counting=stats is not None,
     )
-    reach = run.reach_from(run.held[:, RING:-RING, RING:-RING])  # blocks the next step can change
+    reach = run.reach_all(run.held[:, RING:-RING, RING:-RING])  # blocks the next step can change
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0, "update_share": 0.0}
     seconds = []
 
@@ -157,13 +158,17 @@ class _Run:
         self.keys[:, r:-r, r:-r] = noise.keys
         self.keys = self.keys.view(-1)
         self.patches = patches.to(dtype)  # (B*(Hp+4)*(Wp+4), 9C + 1)
-        # The MLP's weights, cast once per rollout; the first layer also split in its state and
-        # image columns for sparse steps, whose state features come from perception_matrix.
+        # The MLP's weights, cast once per rollout; for sparse steps, whose state features come from
+        # perception_matrix, also the first layer split in its state and image columns.
         self.weights = model.mlp_weights(dtype)
-        self.fc1_split = (self.weights[0][:, : model.n_features].contiguous(),
-                          self.weights[0][:, model.n_features :].contiguous())
+        self.fc1_state = self.weights[0][:, : model.n_features].contiguous()  # (Hd, F*K)
+        self.fc1_image = self.weights[0][:, model.n_features :].contiguous()  # (Hd, 9C + 1)
+        self.fc2_t = self.weights[1].t().contiguous()  # (Hd, K)
+        self.fc2_bias = self.weights[2].to(buf.dtype)  # added to the float32 state
         self.filters = model.perception_filters()  # sliced once per rollout (190 us per step at 1 ring)
         self.perception = model.perception_matrix()  # (9K, F*K), float32 like the state
+        # A small product that starts every sparse step on a CPU (see sparse_step).
+        self.wake = (buf.new_ones(256, 9 * k), self.perception) if buf.device.type == "cpu" else None
         # Buffer row of each (b, y, x) core pixel, and its row in dense perception maps (computed
         # on the buffer without its outer ring: (B, Hp+2, Wp+2) outputs).
         self.buf_rows = _grid_rows(b, hp, wp, r, dev)
@@ -180,17 +185,19 @@ class _Run:
         self.core = self.core.view(-1)
         d = torch.arange(-1, 2, device=dev)
         self.taps = (d[:, None] * wr + d[None, :]).view(-1)  # (9,)
-        # Block ids in a grid with a ring of blocks (so that neighbours never leave it), and the
-        # 3x3 neighbourhood as id offsets there, for :meth:`reach`.
+        # For reach: the ids of each block and its 8 neighbours in a grid with a ring of blocks (so
+        # that neighbours never leave it), in (dy, dx) order; and which of those nine a kept cell
+        # of a frame can change next, as a (FRAME^2, 9) 0/1 matrix. Bands of a frame's rows
+        # (columns): the block's first 2, all of them, its last 2; the margin is in none.
         nby, nbx = hp // s, wp // s
         self.padded_shape = (b, nby + 2, nbx + 2)
-        self.padded_ids = ((bi * (nby + 2) + by + 1) * (nbx + 2) + bx + 1).reshape(-1)
-        self.neighbours = d[:, None] * (nbx + 2) + d[None, :]  # (3, 3)
+        padded_ids = ((bi * (nby + 2) + by + 1) * (nbx + 2) + bx + 1).reshape(-1, 1)
+        self.targets = padded_ids + (d[:, None] * (nbx + 2) + d[None, :]).view(-1)  # (B*nby*nbx, 9)
         self.all_blocks = torch.arange(b * nby * nbx, device=dev)
-        # Bands of a block's rows (columns) for reach: its first 2, all of them, its last 2.
-        self.bands = torch.zeros(s, 3, device=dev)
-        self.bands[:r, 0], self.bands[:, 1], self.bands[-r:, 2] = 1.0, 1.0, 1.0
-        self.neighbourhoods = buf.new_empty(0, k)  # gathered 3x3 neighbourhoods of sparse steps, grown on demand
+        bands = torch.zeros(FRAME, 3, device=dev)
+        bands[r : 2 * r, 0], bands[r : r + s, 1], bands[s : r + s, 2] = 1.0, 1.0, 1.0
+        self.regions = torch.einsum("yi,xj->yxij", bands, bands).reshape(FRAME * FRAME, 9)
+        self.core_regions = self.regions[self.core]  # (S^2, 9): the rows of a block's own cells
         # MLP input rows [state features, image patch, 1] of dense steps, reused every step, grown
         # on demand (at most half the pixels fire at the paper's rate).
         self.x = buf.new_empty(0, model.n_features + patches.shape[1], dtype=dtype)
@@ -216,28 +223,43 @@ class _Run:
     def update_sparse(self, rows: torch.Tensor) -> int:
         """:meth:`update` without perception maps: each cell's 3x3 neighbourhood of state is
         gathered (9 buffer rows) and perceived by one GEMM with
-        :meth:`~rnca_cli.model.RNCA.perception_matrix`.
+        :meth:`~rnca_cli.model.RNCA.perception_matrix`, and the MLP's first layer runs in its two
+        halves, the image half first. Returns the number of cells updated.
 
         Convolving whole blocks (three depthwise convolutions of the gathered blocks, then a copy of
         the needed rows) cost more: 512x512 with 4 rings, 8.5 -> 7.3-7.6 ms per steady-state step
         (A/B, twice). Perception sums in another order here than in a convolution, so sparse and
-        dense steps agree to float rounding, not bit for bit.
+        dense steps agree to float rounding, not bit for bit. Written out here rather than through
+        :func:`~rnca_cli.model.mlp` (one chunk's products back to back, fc2's transpose made once
+        per rollout): 512x512 with one ring, 1.78 -> 1.71 and 1.93 -> 1.83 ms per steady-state
+        step (A/B in one process). The last product adds the update to each cell's own state,
+        the centre row of its gathered neighbourhood, and the new states are copied into place:
+        ``index_copy_`` of 2,248 rows takes 61 us where ``index_add_`` took 101 (isolated); one
+        ring 1.71 -> 1.43 and 1.51 -> 1.45 ms, 4 rings 5.9 -> 5.1 ms (A/B; outputs within 1e-6
+        of adding afterwards).
         """
         m, k = len(rows), self.flat.shape[1]
-        self.neighbourhoods = self.reserve(self.neighbourhoods, m * 9, per_pixel=9)
-        nb = self.neighbourhoods[: m * 9]  # (9M, K)
-        torch.index_select(self.flat, 0, (rows[:, None] + self.taps).view(-1), out=nb)
-        features = torch.mm(nb.view(m, 9 * k), self.perception).to(self.patches.dtype)  # (M, F*K)
-        x = (features, self.patches.index_select(0, rows))
-        self.flat.index_add_(0, rows, mlp(x, self.fc1_split, *self.weights[1:]).to(self.flat.dtype))
+        taps = (rows[:, None] + self.taps).view(-1)  # (9M,) buffer rows of the neighbourhoods
+        states = self.flat.new_empty(m, k)  # the cells' new states
+        for chunk in row_chunks(m):
+            hidden = torch.mm(self.patches.index_select(0, rows[chunk]), self.fc1_image.t())  # (chunk, Hd)
+            nb = self.flat.index_select(0, taps[chunk.start * 9 : chunk.stop * 9]).view(-1, 9 * k)  # (chunk, 9K)
+            features = torch.mm(nb, self.perception).to(hidden.dtype)  # (chunk, F*K)
+            hidden.addmm_(features, self.fc1_state.t()).relu_()
+            centre = nb[:, 4 * k : 5 * k]  # the cells' own states, gathered with their neighbourhoods
+            if hidden.dtype == states.dtype:
+                torch.addmm(centre, hidden, self.fc2_t, out=states[chunk])
+            else:  # half-precision MLP: its output is added to the float32 state
+                torch.add(centre, torch.mm(hidden, self.fc2_t), out=states[chunk])
+        self.flat.index_copy_(0, rows, states.add_(self.fc2_bias))
         return m
 
-    def reserve(self, buffer: torch.Tensor, rows: int, per_pixel: int = 1) -> torch.Tensor:
+    def reserve(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:
         """``buffer``, or a larger one if it has fewer than ``rows`` rows: reused across steps, grown
-        with a quarter to spare, never beyond ``per_pixel`` rows for every pixel of the image."""
+        with a quarter to spare, never beyond one row for every pixel of the image."""
         if rows <= len(buffer):
             return buffer
-        return buffer.new_empty(min(len(self.buf_rows) * per_pixel, rows * 5 // 4), buffer.shape[1])
+        return buffer.new_empty(min(len(self.buf_rows), rows * 5 // 4), buffer.shape[1])
 
     def dense_step(self, t: int) -> tuple[torch.Tensor, int, int]:
         """One step on the whole image. Returns (:meth:`reach` after it, alive cells, updated cells)."""
@@ -257,7 +279,7 @@ class _Run:
         alive = 0
         if self.counting:
             alive = int((pre & self.inside[:, r:-r, r:-r]).sum())
-        return self.reach_from(keep), alive, updated
+        return self.reach_all(keep), alive, updated
 
     def sparse_step(self, t: int, blocks: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """One step on ``blocks`` (block ids, (nc,)), which hold every cell the step can change.
@@ -268,7 +290,19 @@ class _Run:
         (:func:`_frame_max3x3`), where (nc, 20, 20) tensors made the same maxima strided, 3x
         slower each. Only the cells to update are gathered for the MLP, with their 3x3
         neighbourhoods (:meth:`update_sparse`); no block is convolved.
+
+        On a CPU the step starts with a small product whose result it drops (``wake``). Server
+        CPUs power their wide vector units down after about half a millisecond without heavy
+        arithmetic, and the next GEMM then runs 2-3x slower for a few hundred microseconds (this
+        machine: a (2,248, 144) x (144, 48) product takes 95-100 us when warm, 280-420 us after
+        2 ms of other work; a small product 300 us earlier brings it back to 140-170 us). A sparse
+        step does about 0.6 ms of gathers and alive tests before its GEMMs, so they always started
+        cold; the wake-up product (256 x 144 x 48, about 10 us) gives the units that time to power
+        up: 512x512 with one ring, 2.26 -> 2.01 ms per steady-state step (A/B in one process; 64
+        rows woke too little, 1024 cost more than they saved, a second one mid-step nothing).
         """
+        if self.wake is not None:
+            torch.mm(*self.wake)  # wakes the vector units for the step's GEMMs (docstring); result unused
         thr, nc, area = self.model.config.alive_threshold, len(blocks), FRAME * FRAME
         frames = self.frames.index_select(0, blocks).view(-1)  # (nc*A,) buffer rows
         pre = _frame_max3x3(self.visible.index_select(0, frames)) >= thr  # (nc*A,); all we read below is valid
@@ -293,31 +327,38 @@ class _Run:
         alive = 0
         if self.counting:
             alive = int((pre.view(nc, area) & cells).sum())
-        cores = keep.view(nc, FRAME, FRAME)[:, RING:-RING, RING:-RING]  # (nc, S, S)
-        return self.reach(cores, blocks), alive, updated
+        return self.reach(keep.view(nc, area), blocks), alive, updated
 
-    def reach_from(self, keep: torch.Tensor) -> torch.Tensor:
-        """:meth:`reach` for a whole-image ``keep`` (B, Hp, Wp)."""
+    def reach_all(self, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`reach` for a whole-image ``keep`` (B, Hp, Wp), taken block by block with the core
+        cells' rows of ``regions``: half the time of gathering every block's frame (16 x 64x64:
+        0.55 -> 0.27 ms)."""
         b, hp, wp = keep.shape
         s = BLOCK
-        by_block = keep.reshape(b, hp // s, s, wp // s, s).permute(0, 1, 3, 2, 4).reshape(-1, s, s)
-        return self.reach(by_block, self.all_blocks)
+        by_block = keep.reshape(b, hp // s, s, wp // s, s).permute(0, 1, 3, 2, 4).reshape(-1, s * s)
+        return self.spread(torch.mm(by_block.to(self.regions.dtype), self.core_regions), self.all_blocks)
 
     def reach(self, keep: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """(B*nby*nbx,) bool: the blocks that hold a cell the next step can change, given the cells
-        kept (nonzero) after this one, ``keep`` (nb, S, S), of ``blocks`` (nb,); all other cells are zero.
+        """(B*nby*nbx,) bool: the blocks that hold a cell the next step can change, given the frames
+        of ``blocks`` (nb,), ``keep`` (nb, FRAME^2) bool: which cells of each block are kept
+        (nonzero) after this step. All other cells are zero; the frames' margins are not read.
 
         A step reads at most 2 pixels around a cell with state (its alive test, then its
         neighbours' updates). So a block is needed if it holds a kept cell, its neighbour across
         an edge if a kept cell lies within 2 pixels of that edge, and across a corner if one lies
-        in the 2 x 2 corner. ``bands^T @ keep @ bands`` counts the kept cells in each of these
-        nine regions in one product. Growing by whole blocks instead took 1.5-2x the blocks.
+        in the 2 x 2 corner. One product with ``regions`` counts the kept cells in each of these
+        nine regions. Growing by whole blocks instead took 1.5-2x the blocks. As one (nb, 400) x
+        (400, 9) product on the frames rather than two batched (3, 16) x (16, 16) x (16, 3)
+        products on the blocks' cores: 90 -> 52 us for 37 blocks.
         """
-        counts = self.bands.t() @ keep.to(self.bands.dtype) @ self.bands  # (nb, 3, 3): above/self/below x left/self/right
-        targets = self.padded_ids.index_select(0, blocks)[:, None, None] + self.neighbours  # (nb, 3, 3)
-        grid = self.bands.new_zeros(self.padded_shape)  # (B, nby+2, nbx+2): kept cells in reach of each block
-        grid.view(-1).index_add_(0, targets.view(-1), counts.view(-1))
-        return grid[:, 1:-1, 1:-1].reshape(-1) > 0
+        return self.spread(torch.mm(keep.to(self.regions.dtype), self.regions), blocks)
+
+    def spread(self, counts: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """(B*nby*nbx,) bool: the blocks that ``counts`` (nb, 9), the kept cells of ``blocks`` in
+        reach of each of their 9 neighbours (themselves included), (dy, dx) order, reach."""
+        grid = counts.new_zeros(self.padded_shape)  # (B, nby+2, nbx+2): kept cells in reach of each block
+        grid.view(-1).index_add_(0, self.targets.index_select(0, blocks).view(-1), counts.view(-1))
+        return (grid[:, 1:-1, 1:-1] > 0).view(-1)
 
 
 def _frame_max3x3(v: torch.Tensor) -> torch.Tensor:

@@ -299,12 +299,9 @@ class RNCA(nn.Module):
         return visible(state)
 
 
-def mlp(x: torch.Tensor | Sequence[torch.Tensor], w1: torch.Tensor | Sequence[torch.Tensor], w2: torch.Tensor,
-        b2: torch.Tensor) -> torch.Tensor:
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     """``relu(x @ w1.T) @ w2.T + b2`` in cache-sized row chunks, without autograd (inference, and
     the forward of :class:`_RowUpdates`). x (M, D), w1 (Hd, D), w2 (K, Hd), b2 (K,) -> (M, K).
-    ``x`` and ``w1`` may also be matching sequences of column blocks, ``[x_j]`` (M, D_j) and
-    ``[w1_j]`` (Hd, D_j): the first layer is then ``sum_j x_j @ w1_j.T``, with no concatenation.
 
     The (rows, hidden) activation is the largest tensor of a step (128 floats per pixel against 16
     of state); chunk by chunk it stays in cache. fc1's bias rides in ``x``'s constant column, and
@@ -312,13 +309,10 @@ def mlp(x: torch.Tensor | Sequence[torch.Tensor], w1: torch.Tensor | Sequence[to
     (that copy was 8 % of a step). w2 is transposed into contiguous memory once: the narrow
     (chunk, 128) x (128, 16) product runs 20 % faster on it than on a transposed view.
     """
-    xs, w1s = ([x], [w1]) if isinstance(x, torch.Tensor) else (x, w1)
-    out = xs[0].new_empty(xs[0].shape[0], w2.shape[0])  # (M, K)
+    out = x.new_empty(x.shape[0], w2.shape[0])  # (M, K)
     w2t = w2.t().contiguous()  # (Hd, K)
-    for rows in _chunks(xs[0].shape[0]):
-        hidden = torch.mm(xs[0][rows], w1s[0].t())  # (chunk, Hd)
-        for xj, wj in zip(xs[1:], w1s[1:]):
-            hidden.addmm_(xj[rows], wj.t())
+    for rows in row_chunks(x.shape[0]):
+        hidden = torch.mm(x[rows], w1.t())  # (chunk, Hd)
         torch.mm(hidden.relu_(), w2t, out=out[rows])
     return out.add_(b2)
 
@@ -367,7 +361,7 @@ class _RowUpdates(torch.autograd.Function):
         w1_feat = w1[:, :n_feat].contiguous()  # (Hd, F*K)
         g_feat = x.new_empty(x.shape[0], n_feat) if want_maps else None  # (M, F*K)
         gw1t, gw2 = x.new_zeros(x.shape[1], w1.shape[0]), torch.zeros_like(w2)  # (D, Hd), (K, Hd)
-        for chunk in _chunks(x.shape[0]):
+        for chunk in row_chunks(x.shape[0]):
             hidden = torch.mm(x[chunk], w1.t()).relu_()  # (chunk, Hd), recomputed
             gw2.addmm_(grad[chunk].t(), hidden)
             g_hidden = torch.ops.aten.threshold_backward(grad[chunk] @ w2, hidden, 0.0)  # (chunk, Hd)
@@ -396,9 +390,9 @@ def gather_rows(rows: torch.Tensor, tensors: Sequence[torch.Tensor], out: torch.
     return out
 
 
-def _chunks(n: int):
+def row_chunks(n: int):
     """Row slices of about ``_MLP_CHUNK`` rows, of equal size: 2,300 rows are one chunk, not 2,048
-    and a ragged 252 (each chunk is four operations; a sparse step is a few dozen)."""
+    and a ragged 252 (each chunk is several operations; a sparse step is a few dozen)."""
     size = max(1, math.ceil(n / max(1, round(n / _MLP_CHUNK))))
     return (slice(start, start + size) for start in range(0, n, size))
 

@@ -101,12 +101,15 @@ def centre_block_run():
     ((14, 13), {4, 7}),
 ])
 def test_reach_takes_the_blocks_a_kept_cell_can_change_next(cell, blocks):
-    run = centre_block_run()
-    keep = torch.zeros(1, inference.BLOCK, inference.BLOCK, dtype=torch.bool)
-    keep[0, cell[0], cell[1]] = True
-    reach = run.reach(keep, torch.tensor([4]))
+    run, r = centre_block_run(), inference.RING
+    keep = torch.zeros(1, inference.FRAME, inference.FRAME, dtype=torch.bool)  # block 4's frame
+    keep[0, r + cell[0], r + cell[1]] = True
+    reach = run.reach(keep.view(1, -1), torch.tensor([4]))
     assert set(reach.nonzero().view(-1).tolist()) == blocks
-    assert not run.reach(torch.zeros_like(keep), torch.tensor([4])).any()
+    assert not run.reach(torch.zeros_like(keep).view(1, -1), torch.tensor([4])).any()
+    margin = torch.ones_like(keep)
+    margin[0, r:-r, r:-r] = False  # the frame's margin belongs to the neighbours: it is never read
+    assert set(run.reach((keep | margin).view(1, -1), torch.tensor([4])).nonzero().view(-1).tolist()) == blocks
 
 
 @pytest.mark.parametrize("tile", [16, 40])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import (RNCA, FireNoise, ModelConfig, _chunks, count_parameters, draw_seeds, mlp, row_updates,
+from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, row_chunks, row_updates,
                              visible)
 
 from conftest import tiny_model
@@ -154,21 +154,10 @@ def test_perception_matrix_on_raw_neighbourhoods_equals_perceive():
     torch.testing.assert_close(neighbourhoods @ model.perception_matrix(), torch.cat(maps, 1), atol=1e-5, rtol=1e-5)
 
 
-def test_mlp_on_column_blocks_equals_mlp_on_their_concatenation(monkeypatch):
-    monkeypatch.setattr("rnca_cli.model._MLP_CHUNK", 5)  # several chunks, one ragged
-    model = tiny_model()
-    x = torch.randn(23, model.n_features + 10)
-    w1, w2, b2 = (w.detach() for w in model.mlp_weights())  # mlp() is the no-autograd forward
-    whole = mlp(x, w1, w2, b2)
-    split = mlp((x[:, :7], x[:, 7:]), (w1[:, :7], w1[:, 7:]), w2, b2)
-    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
-    assert whole.shape == (23, model.config.channels)
-
-
 @pytest.mark.parametrize("n, sizes", [(0, []), (5, [5]), (2048, [2048]), (2300, [2300]), (3100, [1550, 1550]),
                                       (5000, [2500, 2500]), (7000, [2334, 2334, 2332])])
-def test_mlp_chunks_are_balanced_and_cover_the_rows(n, sizes):
-    chunks = list(_chunks(n))
+def test_row_chunks_are_balanced_and_cover_the_rows(n, sizes):
+    chunks = list(row_chunks(n))
     assert [len(range(n)[c]) for c in chunks] == sizes
 
 
