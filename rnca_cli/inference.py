@@ -354,8 +354,8 @@ class _Run:
         return self.spread(torch.mm(keep.to(self.regions.dtype), self.regions), blocks)
 
     def spread(self, counts: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """(B*nby*nbx,) bool: the blocks that ``counts`` (nb, 9), the kept cells of ``blocks`` in
-        reach of each of their 9 neighbours (themselves included), (dy, dx) order, reach."""
+        """(B*nby*nbx,) bool: the blocks in reach, from ``counts`` (nb, 9): how many kept cells of
+        each of ``blocks`` can change each of its 9 neighbours (itself included), (dy, dx) order."""
         grid = counts.new_zeros(self.padded_shape)  # (B, nby+2, nbx+2): kept cells in reach of each block
         grid.view(-1).index_add_(0, self.targets.index_select(0, blocks).view(-1), counts.view(-1))
         return (grid[:, 1:-1, 1:-1] > 0).view(-1)
