@@ -156,6 +156,7 @@ class _Run:
         self.padded = (hp, wp) != (h, w)  # steps test ``inside`` only then
         self.keys = torch.zeros(b, hr, wr, dtype=torch.int64, device=dev)  # update-mask hash keys
         self.keys[:, r:-r, r:-r] = noise.keys
+        self.core_keys = self.keys[:, r:-r, r:-r].contiguous()  # (B, Hp, Wp), for dense steps
         self.keys = self.keys.view(-1)
         self.patches = patches.to(dtype)  # (B*(Hp+4)*(Wp+4), 9C + 1)
         # The MLP's weights, cast once per rollout; for sparse steps, whose state features come from
@@ -268,11 +269,15 @@ class _Run:
         todo = near(pre)  # cells whose update can matter (RNCA.step)
         if self.padded:
             todo &= self.inside[:, r:-r, r:-r]
-        pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
+        # The update mask of every cell, before the one ``nonzero``: hashing all keys in place costs
+        # less than gathering the candidates' keys and compacting twice (batch-16 inference, A/B:
+        # 0.675 -> 0.644 and 0.712 -> 0.694 ms per image-step); row tables are read with
+        # ``index_select``, half the time of advanced indexing (0.840 -> 0.795, 0.953 -> 0.918).
         if model.config.fire_rate < 1.0:
-            pix = pix[self.fires(t, self.buf_rows[pix])]
+            todo &= FireNoise.fires(self.core_keys, t, model.config.fire_rate)
+        pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
         maps = model.perceive(buf, padding=0, filters=self.filters)  # F x (B*(Hp+2)*(Wp+2), K): unpadded, the ring pads
-        updated = self.update(maps, self.map_rows[pix], self.buf_rows[pix])
+        updated = self.update(maps, self.map_rows.index_select(0, pix), self.buf_rows.index_select(0, pix))
         keep = pre & (max3x3(buf[:, 0, 1:-1, 1:-1]) >= thr)  # (B, Hp, Wp)
         buf[:, :, r:-r, r:-r] *= keep.unsqueeze(1).to(buf.dtype)
         self.held[:, r:-r, r:-r] = keep
