@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, mlp, near, row_chunks, visible
+from .model import RNCA, FireNoise, gather_rows, max3x3, near, row_chunks, visible
 
 BLOCK = 16
 RING = 2  # zero pixels around the image in the state buffer: a block's 2-pixel margin never leaves it
@@ -211,7 +211,12 @@ class _Run:
 
     def update(self, maps: list[torch.Tensor], map_rows: torch.Tensor, rows: torch.Tensor) -> int:
         """Add the MLP update of the cells at buffer ``rows``, whose features are rows ``map_rows``
-        of the perception ``maps``, to the buffer. Returns their number."""
+        of the perception ``maps``, to the buffer. Returns their number.
+
+        As in :meth:`update_sparse`, the cells' states are gathered, the last product adds the
+        updates to them and they are copied back, which costs less than ``index_add_`` of the
+        updates (28k rows: 100 + 190 us against 500 us, isolated).
+        """
         self.x = self.reserve(self.x, len(rows))
         x = self.x[: len(rows)]  # (M, F*K + 9C + 1)
         features = x[:, : -self.patches.shape[1]]
@@ -220,8 +225,21 @@ class _Run:
         else:
             features.copy_(gather_rows(map_rows, maps))  # gathered in float32, then rounded
         gather_rows(rows, [self.patches], out=x[:, features.shape[1] :])
-        self.flat.index_add_(0, rows, mlp(x, *self.weights).to(self.flat.dtype))
+        states = self.flat.index_select(0, rows)  # (M, K)
+        for chunk in row_chunks(len(rows)):
+            self.add_update(torch.mm(x[chunk], self.weights[0].t()), states[chunk])
+        self.flat.index_copy_(0, rows, states.add_(self.fc2_bias))
         return len(rows)
+
+    def add_update(self, hidden: torch.Tensor, states: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """``out = states + relu(hidden) @ fc2.T`` for a chunk of rows (``out`` defaults to
+        ``states``), without fc2's bias: the caller adds it once for all chunks. ``hidden`` is
+        the first layer's output (chunk, Hd) and is overwritten."""
+        out = states if out is None else out
+        if hidden.dtype == states.dtype:
+            torch.addmm(states, hidden.relu_(), self.fc2_t, out=out)
+        else:  # half-precision MLP: its output is added to the float32 state
+            torch.add(states, torch.mm(hidden.relu_(), self.fc2_t), out=out)
 
     def update_sparse(self, rows: torch.Tensor) -> int:
         """:meth:`update` without perception maps: each cell's 3x3 neighbourhood of state is
@@ -248,12 +266,9 @@ class _Run:
             hidden = torch.mm(self.patches.index_select(0, rows[chunk]), self.fc1_image.t())  # (chunk, Hd)
             nb = self.flat.index_select(0, taps[chunk.start * 9 : chunk.stop * 9]).view(-1, 9 * k)  # (chunk, 9K)
             features = torch.mm(nb, self.perception).to(hidden.dtype)  # (chunk, F*K)
-            hidden.addmm_(features, self.fc1_state.t()).relu_()
+            hidden.addmm_(features, self.fc1_state.t())
             centre = nb[:, 4 * k : 5 * k]  # the cells' own states, gathered with their neighbourhoods
-            if hidden.dtype == states.dtype:
-                torch.addmm(centre, hidden, self.fc2_t, out=states[chunk])
-            else:  # half-precision MLP: its output is added to the float32 state
-                torch.add(centre, torch.mm(hidden, self.fc2_t), out=states[chunk])
+            self.add_update(hidden, centre, out=states[chunk])
         self.flat.index_copy_(0, rows, states.add_(self.fc2_bias))
         return m
 
