@@ -282,14 +282,17 @@ class _Run:
     def dense_step(self, t: int) -> tuple[torch.Tensor, int, int]:
         """One step on the whole image. Returns (:meth:`reach` after it, alive cells, updated cells)."""
         model, buf, thr, r = self.model, self.buf, self.model.config.alive_threshold, RING
-        pre = max3x3(buf[:, 0, 1:-1, 1:-1]) >= thr  # (B, Hp, Wp); the ring pads
+        # Alive tests take the 3x3 maximum of the threshold test, not the threshold test of the
+        # maximum: on bytes instead of strided floats, 0.35 -> 0.20 ms for 16 x 66x66 (isolated).
+        visible = buf[:, 0, 1:-1, 1:-1] >= thr  # (B, Hp+2, Wp+2); the ring pads
+        pre = max3x3(visible)  # (B, Hp, Wp)
         # The update mask of every cell, before the one ``nonzero``: hashing all keys in place costs
         # less than gathering the candidates' keys and compacting twice (batch-16 inference, A/B:
         # 0.675 -> 0.644 and 0.712 -> 0.694 ms per image-step); row tables are read with
         # ``index_select``, half the time of advanced indexing (0.840 -> 0.795, 0.953 -> 0.918).
         if model.config.fire_rate < 1.0:
             fire = FireNoise.fires(self.core_keys, t, model.config.fire_rate)
-            todo = self.needed(pre, buf[:, 0, r:-r, r:-r], fire).logical_and_(fire)
+            todo = self.needed(pre, visible[:, 1:-1, 1:-1], fire).logical_and_(fire)
         else:
             todo = near(pre)  # cells whose update can matter (RNCA.step)
         if self.padded:
@@ -297,7 +300,7 @@ class _Run:
         pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
         maps = model.perceive(buf, padding=0, filters=self.filters)  # F x (B*(Hp+2)*(Wp+2), K): unpadded, the ring pads
         updated = self.update(maps, self.map_rows.index_select(0, pix), self.buf_rows.index_select(0, pix))
-        keep = pre & (max3x3(buf[:, 0, 1:-1, 1:-1]) >= thr)  # (B, Hp, Wp)
+        keep = max3x3(buf[:, 0, 1:-1, 1:-1] >= thr).logical_and_(pre)  # (B, Hp, Wp)
         buf[:, :, r:-r, r:-r] *= keep.unsqueeze(1).to(buf.dtype)
         self.held[:, r:-r, r:-r] = keep
         alive = 0
@@ -307,8 +310,8 @@ class _Run:
 
     def needed(self, pre: torch.Tensor, visible: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
         """(B, Hp, Wp) bool: the cells whose tentative state this step can read, given ``pre``
-        (alive before the step), ``visible`` (the visible channel) and ``fire`` (the update mask),
-        all (B, Hp, Wp). Updating fewer cells than these changes the result; more is wasted work.
+        (alive before the step), ``visible`` (the visible channel >= the alive threshold) and
+        ``fire`` (the update mask), all (B, Hp, Wp). Updating fewer cells than these changes the result; more is wasted work.
 
         A cell that is alive before the step may be kept, so its update is needed. A cell that is
         not ends at zero, and its tentative state is read only by the after-update alive test of
@@ -319,7 +322,7 @@ class _Run:
         leaves out about a tenth of those (batch-16 inference: 8.5 % of the MLP rows, 512x512
         images with rings 10 %).
         """
-        stable = torch.gt(visible >= self.model.config.alive_threshold, fire)  # visible, does not fire
+        stable = torch.gt(visible, fire)  # visible, does not fire
         return near(torch.gt(pre, near(stable))).logical_or_(pre)  # alive, or next to an undecided alive cell
 
     def sparse_step(self, t: int, blocks: torch.Tensor) -> tuple[torch.Tensor, int, int]:

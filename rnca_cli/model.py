@@ -210,11 +210,11 @@ class RNCA(nn.Module):
         """(B, 1, H, W) visible -> (B, 1, H, W) bool: 3x3 max >= alive_threshold.
 
         A boolean needs no gradient, so it is computed outside autograd with :func:`max3x3`
-        (CPU max_pool2d computes argmax indices even then: 2.1 ms per call for 16 x 66 x 66).
+        (CPU max_pool2d computes argmax indices even then: 2.1 ms per call for 16 x 66 x 66), as
+        the 3x3 maximum of the threshold test, on bytes (0.35 -> 0.20 ms for 16 x 66x66).
         """
         with torch.no_grad():
-            padded = F.pad(visible[:, 0], (1, 1, 1, 1), value=-math.inf)  # (B, H+2, W+2)
-            return (max3x3(padded) >= self.config.alive_threshold).unsqueeze(1)
+            return near(visible[:, 0] >= self.config.alive_threshold).unsqueeze(1)
 
     def fire_mask(self, noise: "FireNoise", t: int) -> torch.Tensor | None:
         """(B, 1, H, W) bool: which cells apply their update in step ``t`` (None: all of them)."""
