@@ -16,7 +16,7 @@
   gathered into one reused matrix, and the updates are added back into the buffer in place.
   At the paper's fire rate that is at most half the pixels, fewer as the mask thins out. Dense
   steps also leave out the dead cells next to alive cells whose survival is already certain
-  (:meth:`_Run.needed`), about a tenth of the MLP rows.
+  (:func:`~rnca_cli.model.needed`), about a tenth of the MLP rows.
 * **Only the blocks a step can change are touched.** A step reads at most 2 pixels around a cell
   with state, so after each step the 16 x 16 blocks holding a kept cell, and their neighbours
   across an edge (a corner) that a kept cell lies within 2 pixels of, are the only ones the next
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, near, row_chunks, visible
+from .model import RNCA, FireNoise, gather_rows, max3x3, near, needed, row_chunks, visible
 
 BLOCK = 16
 RING = 2  # zero pixels around the image in the state buffer: a block's 2-pixel margin never leaves it
@@ -292,9 +292,9 @@ class _Run:
         # ``index_select``, half the time of advanced indexing (0.840 -> 0.795, 0.953 -> 0.918).
         if model.config.fire_rate < 1.0:
             fire = FireNoise.fires(self.core_keys, t, model.config.fire_rate)
-            todo = self.needed(pre, visible[:, 1:-1, 1:-1], fire).logical_and_(fire)
+            todo = needed(pre, visible[:, 1:-1, 1:-1], fire).logical_and_(fire)
         else:
-            todo = near(pre)  # cells whose update can matter (RNCA.step)
+            todo = near(pre)
         if self.padded:
             todo &= self.inside[:, r:-r, r:-r]
         pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
@@ -307,23 +307,6 @@ class _Run:
         if self.counting:
             alive = int((pre & self.inside[:, r:-r, r:-r]).sum())
         return self.reach_all(keep), alive, updated
-
-    def needed(self, pre: torch.Tensor, visible: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
-        """(B, Hp, Wp) bool: the cells whose tentative state this step can read, given ``pre``
-        (alive before the step), ``visible`` (the visible channel >= the alive threshold) and
-        ``fire`` (the update mask), all (B, Hp, Wp). Updating fewer cells than these changes the result; more is wasted work.
-
-        A cell that is alive before the step may be kept, so its update is needed. A cell that is
-        not ends at zero, and its tentative state is read only by the after-update alive test of
-        its alive neighbours; a neighbour whose 3x3 neighbourhood holds a cell that does not fire
-        and is visible (>= the threshold) passes that test whatever the others' updates, so only
-        the neighbours of the alive cells without such a cell need them. :meth:`RNCA.step`
-        updates every firing cell within a pixel of an alive one (and gets the same result); this
-        leaves out about a tenth of those (batch-16 inference: 8.5 % of the MLP rows, 512x512
-        images with rings 10 %).
-        """
-        stable = torch.gt(visible, fire)  # visible, does not fire
-        return near(torch.gt(pre, near(stable))).logical_or_(pre)  # alive, or next to an undecided alive cell
 
     def sparse_step(self, t: int, blocks: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """One step on ``blocks`` (block ids, (nc,)), which hold every cell the step can change.

@@ -226,16 +226,18 @@ class RNCA(nn.Module):
         """Update ``t`` of a rollout. state: (B, K, H, W) channels_last; patches from :meth:`image_patches`.
 
         This is the formulation training differentiates through; ``rnca_cli.inference`` runs the
-        same rule in place, skipping dead blocks. Only the cells that fire and lie within one
-        pixel of a pre-alive cell are updated: any other cell either keeps its state (no fire) or
-        ends at zero without its tentative value being read by a surviving neighbour.
+        same rule in place, skipping dead blocks. Only the cells that fire and whose tentative
+        state the step reads (:func:`needed`) are updated: any other cell either keeps its state
+        (no fire) or ends at zero without its tentative value deciding anything. The cells left
+        out end at zero, so their updates would get no gradient either.
         """
         b, k, h, w = state.shape
         pre = self.alive(state[:, :1])  # (B, 1, H, W)
-        todo = near(pre[:, 0])  # (B, H, W)
         fire = self.fire_mask(noise, t)
-        if fire is not None:
-            todo &= fire[:, 0]
+        if fire is None:
+            todo = near(pre[:, 0])  # (B, H, W)
+        else:
+            todo = needed(pre[:, 0], state[:, 0] >= self.config.alive_threshold, fire[:, 0]).logical_and_(fire[:, 0])
         rows = todo.reshape(-1).nonzero().squeeze(1)  # (M,) pixel rows, (b, y, x) order
         delta = row_updates(rows, self.mlp_weights(), patches, self.perceive(state))  # (M, K)
         flat = state.permute(0, 2, 3, 1).reshape(-1, k)  # (B*H*W, K)
@@ -501,6 +503,23 @@ def max3x3(v: torch.Tensor) -> torch.Tensor:
 def near(mask: torch.Tensor) -> torch.Tensor:
     """(B, H, W) bool -> (B, H, W) bool: cells within one pixel (8-neighbourhood) of a True cell."""
     return max3x3(F.pad(mask, (1, 1, 1, 1)))
+
+
+def needed(pre: torch.Tensor, visible: torch.Tensor, fire: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: the cells whose tentative state a step reads, given ``pre`` (alive before the
+    step), ``visible`` (visible channel >= the alive threshold) and ``fire`` (the update mask), all
+    (B, H, W) bool. Of these, the cells that fire are the ones a step must update.
+
+    A cell alive before the step may be kept, so its update is needed. A cell that is not ends at
+    zero, and its tentative state is read only by the after-update alive test of its alive
+    neighbours. A neighbour whose 3x3 neighbourhood holds a cell that is visible and does not fire
+    passes that test whatever the others' updates, so only the neighbours of the alive cells
+    without such a cell need it. Against all firing cells within a pixel of an alive cell, this
+    leaves out about a tenth of the MLP rows (8.5 % in batch-16 inference of rings, 10 % on 512x512
+    images with rings).
+    """
+    stable = torch.gt(visible, fire)  # visible and does not fire: bool a > b is a & ~b
+    return near(torch.gt(pre, near(stable))).logical_or_(pre)  # alive, or next to an undecided alive cell
 
 
 def visible(state: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, row_chunks, row_updates,
-                             visible)
+from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, near, needed, row_chunks,
+                             row_updates, visible)
 
 from conftest import tiny_model
 
@@ -115,6 +115,49 @@ def test_folded_image_patches_equal_concatenating_image_features(grad):
             state = model.step(state, patches, noise, step)
             ref = reference_step(model, ref, image, model.fire_mask(noise, step))
     assert torch.allclose(state, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("centre_fires, expected_rows", [
+    (False, ["00000", "01110", "01110", "01110", "00000"]),  # the alive cells' survival is decided
+    (True, ["11111", "11111", "11111", "11111", "11111"]),  # undecided: their dead neighbours count
+])
+def test_needed_leaves_out_dead_cells_next_to_decided_alive_cells(centre_fires, expected_rows):
+    visible_cells = torch.zeros(1, 5, 5, dtype=torch.bool)
+    visible_cells[0, 2, 2] = True  # one visible cell; the 3x3 block around it is alive
+    fire = torch.zeros(1, 5, 5, dtype=torch.bool)
+    fire[0, 2, 2] = centre_fires
+    expected = torch.tensor([[c == "1" for c in row] for row in expected_rows])[None]
+    assert torch.equal(needed(near(visible_cells), visible_cells, fire), expected)
+
+
+def test_cells_left_out_of_a_step_do_not_change_it():
+    """Sparse visible cells make many dead cells with alive neighbours; leaving out those that
+    ``needed`` rejects gives the paper's step exactly. The updates are made large and varied
+    (visible cells can die, dead ones cross the threshold), so that this setting tells a correct
+    ``needed`` from one that ignores the update mask or leaves out every dead cell: each of
+    those changes 5-6 cells here."""
+    model = tiny_model()
+    torch.nn.init.normal_(model.fc2.weight, std=1.0)
+    with torch.no_grad():
+        model.fc2.bias[0] = -0.5
+    image, _ = inputs(h=16, w=16)
+    g = torch.Generator().manual_seed(5)
+    state = torch.rand(2, 4, 16, 16, generator=g) * 0.05
+    state[:, 1:] = torch.randn(2, 3, 16, 16, generator=g) * 3
+    state[:, 0] += (torch.rand(2, 16, 16, generator=g) < 0.15) * 0.6  # isolated visible cells
+    state = state.contiguous(memory_format=torch.channels_last)
+    patches = model.image_patches(image)
+    skipped = 0
+    for t in range(6):
+        noise = FireNoise(torch.tensor([t, t + 10]), (16, 16))
+        fire = model.fire_mask(noise, t)
+        pre = model.alive(state[:, :1])[:, 0]
+        left_out = near(pre) & fire[:, 0] & ~needed(pre, state[:, 0] >= model.config.alive_threshold, fire[:, 0])
+        skipped += int(left_out.sum())
+        with torch.no_grad():
+            ref = reference_step(model, state.contiguous(), image, fire)
+            assert torch.allclose(model.step(state, patches, noise, t), ref, atol=1e-5)
+    assert skipped > 20  # the pruning was exercised
 
 
 def test_gradients_equal_those_of_the_concatenating_formulation():
