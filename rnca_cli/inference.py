@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, near, needed, row_chunks, visible
+from .model import RNCA, FireNoise, gather_rows, max3x3, needed, row_chunks, visible
 
 BLOCK = 16
 RING = 2  # zero pixels around the image in the state buffer: a block's 2-pixel margin never leaves it
@@ -290,11 +290,10 @@ class _Run:
         # less than gathering the candidates' keys and compacting twice (batch-16 inference, A/B:
         # 0.675 -> 0.644 and 0.712 -> 0.694 ms per image-step); row tables are read with
         # ``index_select``, half the time of advanced indexing (0.840 -> 0.795, 0.953 -> 0.918).
-        if model.config.fire_rate < 1.0:
-            fire = FireNoise.fires(self.core_keys, t, model.config.fire_rate)
-            todo = needed(pre, bright[:, 1:-1, 1:-1], fire).logical_and_(fire)
-        else:
-            todo = near(pre)
+        fire = FireNoise.fires(self.core_keys, t, model.config.fire_rate) if model.config.fire_rate < 1.0 else None
+        todo = needed(pre, bright[:, 1:-1, 1:-1], fire)  # (B, Hp, Wp)
+        if fire is not None:
+            todo &= fire
         if self.padded:
             todo &= self.inside[:, r:-r, r:-r]
         pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
