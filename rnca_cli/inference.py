@@ -297,7 +297,7 @@ class _Run:
 
     def dense_step(self, t: int) -> tuple[torch.Tensor, int, int]:
         """One step on the whole image. Returns (:meth:`reach` after it, alive cells, updated cells)."""
-        model, buf, thr, r = self.model, self.buf, self.model.config.alive_threshold, RING
+        model, buf, thr, r = self.model, self.buf, self.thr, RING
         # Alive tests take the 3x3 maximum of the threshold test, not the threshold test of the
         # maximum: on bytes instead of strided floats, 0.35 -> 0.20 ms for 16 x 66x66 (isolated).
         bright = buf[:, 0, 1:-1, 1:-1] >= thr  # (B, Hp+2, Wp+2) visible >= threshold; the ring pads

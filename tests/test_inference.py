@@ -63,7 +63,7 @@ def test_sparse_steps_follow_growth_across_block_edges_and_image_borders(growth,
     """A model that grows from single cells: activity crosses block edges and corners, reaches the
     image border and its padding to whole blocks; sparse steps must track it exactly. At 0.3 per
     step, cells two pixels out of the alive region turn bright in one update without being alive,
-    so each step must clear them (their visible value included) before the next reads it."""
+    so each step must clear them (their bright flags included) before the next reads them."""
     torch.manual_seed(0)
     model = RNCA(ModelConfig(channels=4, hidden=8, visible_floor=0.0))
     torch.nn.init.normal_(model.fc2.weight, std=0.05)
