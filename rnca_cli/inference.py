@@ -29,8 +29,9 @@
   buffer, so a sparse step indexes everything by buffer row. 512x512 with one ring: 4.6 -> 2.1 ms
   per steady-state step when blocks replaced the whole-image work, 2.45-2.50 -> 2.11-2.16 ms with
   frames, then to 1.4-1.5 ms with the vector units woken before the GEMMs and the new states
-  copied into place, then about 9 % less with the bright flags (A/B in one process each), where
-  a whole-image step costs 45-85 ms. Otherwise the step runs on the whole image
+  copied into place, then about 9 % less with the bright flags and 7 % less again with
+  :func:`~rnca_cli.model.flat_nonzero` (A/B in one process each), where a whole-image step
+  costs 45-85 ms. Otherwise the step runs on the whole image
   (:meth:`_Run.dense_step`).
 * **Tiles.** One step reads neighbours 2 pixels away (1 through perception, 1 more through the
   alive test of the neighbours' tentative values). A tile grown by a halo of ``2 * steps + 1``
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import RNCA, FireNoise, gather_rows, max3x3, needed, row_chunks, visible
+from .model import RNCA, FireNoise, flat_nonzero, gather_rows, max3x3, needed, row_chunks, visible
 
 BLOCK = 16
 RING = 2  # zero pixels around the image in the state buffer: a block's 2-pixel margin never leaves it
@@ -108,7 +109,7 @@ def rollout(
 
     for t in range(steps):
         start = time.perf_counter()
-        blocks = reach.nonzero().squeeze(1)  # (nc,) block ids, (b, by, bx) order
+        blocks = flat_nonzero(reach)  # (nc,) block ids, (b, by, bx) order
         if len(blocks) == 0:
             break  # nothing left alive: every later step keeps the all-zero state
         if use_sparse and len(blocks) < SPARSE_BELOW * reach.numel():
@@ -312,7 +313,7 @@ class _Run:
             todo &= fire
         if self.padded:
             todo &= self.inside[:, r:-r, r:-r]
-        pix = todo.view(-1).nonzero().squeeze(1)  # (M,) (b, y, x) indices
+        pix = flat_nonzero(todo.view(-1))  # (M,) (b, y, x) indices
         maps = model.perceive(buf, padding=0, filters=self.filters)  # F x (B*(Hp+2)*(Wp+2), K): unpadded, the ring pads
         updated = self.update(maps, self.map_rows.index_select(0, pix), self.buf_rows.index_select(0, pix))
         keep = max3x3(buf[:, 0, 1:-1, 1:-1] >= thr).logical_and_(pre)  # (B, Hp, Wp)
@@ -356,9 +357,9 @@ class _Run:
         if self.padded:
             cells = self.inside.view(-1).index_select(0, frames).view(nc, area).logical_and_(self.core)
         todo = _frame_max3x3(pre).view(nc, area).logical_and_(cells)  # within a pixel of pre
-        rows = frames[todo.view(-1)]  # buffer rows of the cells to update
+        rows = frames.index_select(0, flat_nonzero(todo.view(-1)))  # buffer rows of the cells to update
         if self.model.config.fire_rate < 1.0:
-            rows = rows[self.fires(t, rows)]
+            rows = rows.index_select(0, flat_nonzero(self.fires(t, rows)))
         updated = self.update_sparse(rows) if len(rows) else 0
         held = self.held.view(-1)
         held.index_fill_(0, rows, True)
@@ -367,7 +368,7 @@ class _Run:
         # cleared rows -> a few hundred.
         keep = _frame_max3x3(self.bright.index_select(0, frames)).logical_and_(pre)  # (nc*A,)
         gone = torch.gt(held.index_select(0, frames), keep).view(nc, area).logical_and_(self.core)  # held, not kept
-        cleared = frames[gone.view(-1)]
+        cleared = frames.index_select(0, flat_nonzero(gone.view(-1)))
         self.flat.index_fill_(0, cleared, 0.0)
         self.bright.index_fill_(0, cleared, False)
         held.index_fill_(0, cleared, False)

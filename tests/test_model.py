@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, near, needed, row_chunks,
-                             row_updates, visible)
+from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, flat_nonzero, near, needed,
+                             row_chunks, row_updates, visible)
 
 from conftest import tiny_model
 
@@ -195,6 +195,21 @@ def test_perception_matrix_on_raw_neighbourhoods_equals_perceive():
     maps = model.perceive(state.contiguous(memory_format=torch.channels_last), padding=0)  # 7x9 interior
     neighbourhoods = F.unfold(state, 3).view(2, k, 9, 63).permute(0, 3, 2, 1).reshape(2 * 63, 9 * k)  # (dy, dx), c
     torch.testing.assert_close(neighbourhoods @ model.perception_matrix(), torch.cat(maps, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flags, positions", [([], []), ([False] * 3, []), ([True] * 3, [0, 1, 2]),
+                                              ([False, True, False, True, True], [1, 3, 4])])
+def test_flat_nonzero_lists_the_true_positions_as_int64(flags, positions):
+    found = flat_nonzero(torch.tensor(flags, dtype=torch.bool))
+    assert found.dtype == torch.int64 and found.tolist() == positions
+
+
+def test_flat_nonzero_reads_views_and_inference_tensors():
+    with torch.inference_mode():
+        grid = torch.zeros(4, 6, dtype=torch.bool)
+        grid[1, 2] = grid[3, 5] = True
+        assert flat_nonzero(grid.view(-1)).tolist() == [8, 23]
+        assert flat_nonzero(grid[:, 5]).tolist() == [3]  # a strided column
 
 
 @pytest.mark.parametrize("n, sizes", [(0, []), (5, [5]), (2048, [2048]), (2300, [2300]), (3100, [1550, 1550]),
