@@ -122,7 +122,7 @@ def rollout(
             counts["block_share"] += len(blocks) / reach.numel() / steps
             counts["alive_share"] += alive / (b * h * w) / steps
             counts["update_share"] += updated / (b * h * w) / steps
-            seconds.append(time.perf_counter() - start)  # the step synchronised: its ``nonzero`` reads the result
+            seconds.append(time.perf_counter() - start)  # the step synchronised: its ``flat_nonzero`` reads the result
     if stats is not None:
         stats.update(counts, step_seconds=seconds)
     return visible(run.buf[:, :, RING : h + RING, RING : w + RING])
@@ -303,7 +303,7 @@ class _Run:
         # maximum: on bytes instead of strided floats, 0.35 -> 0.20 ms for 16 x 66x66 (isolated).
         bright = buf[:, 0, 1:-1, 1:-1] >= thr  # (B, Hp+2, Wp+2) visible >= threshold; the ring pads
         pre = max3x3(bright)  # (B, Hp, Wp)
-        # The update mask of every cell, before the one ``nonzero``: hashing all keys in place costs
+        # The update mask of every cell, before the one ``flat_nonzero``: hashing all keys in place costs
         # less than gathering the candidates' keys and compacting twice (batch-16 inference, A/B:
         # 0.675 -> 0.644 and 0.712 -> 0.694 ms per image-step); row tables are read with
         # ``index_select``, half the time of advanced indexing (0.840 -> 0.795, 0.953 -> 0.918).
