@@ -23,6 +23,7 @@ needs tens of GB); the float32 GEMM rate and the share of it the per-pixel MLP r
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -117,15 +118,51 @@ def ring_grid(size: int, n: int):
     return image, mask
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process (no ``mmap`` for blocks below 1 GiB, no
+    trimming), so that no timing below includes page faults. Returns whether it took effect.
+
+    With glibc's defaults a fresh process ``mmap``s every block of 32 MB or more and unmaps it when
+    freed, and each new one is faulted in page by page. The straightforward formulation allocates
+    several such tensors per step (its (16, 128, 64, 64) hidden layer alone is 33.5 MB): a batch-16
+    rollout took 2.4-2.7 million minor faults, 5.3-6.3 s of its 6-7 s in the kernel (5.9-7.0 ms per
+    image-step). Once a heap has grown (after one training iteration, say) it takes none and runs
+    at 2.75-3.2 ms. So its time depended on what the process had done before: before run AD its
+    inference row came first and was timed faulting, which made rnca's inference ratio 5.8-8.3x;
+    against the fault-free formulation it is about half that. The rows here compare computation;
+    the inference row also reports both formulations in a fresh process with glibc's defaults
+    (``default_malloc_inference``), and the memory rows run in fresh processes with the defaults.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h; values are C ints
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def run_child(code: str) -> str:
+    """Standard output of a fresh Python process running ``code`` in the repository root."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return done.stdout
+
+
 def peak_rss_child(code: str) -> float:
     """Peak resident memory (GiB) of a fresh Python process running ``code``."""
     # VmHWM belongs to the address space, which exec replaces; ru_maxrss would carry the parent's peak.
-    wrapper = code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-    done = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    kib = int([line for line in done.stdout.splitlines() if line.startswith("RSS")][-1].split()[1])
+    out = run_child(code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    kib = int([line for line in out.splitlines() if line.startswith("RSS")][-1].split()[1])
     return kib / 2**20
+
+
+def default_malloc_inference(threads: int, model: str, steps: int, rounds: int) -> dict:
+    """Batch-16 inference of both formulations (best of ``rounds`` alternating rounds, ms per
+    image-step) and the straightforward formulation's minor page faults per rollout, in a fresh
+    process with glibc's default malloc settings: what a first call in a new process costs."""
+    out = run_child(INFERENCE_DEFAULT_MALLOC.format(threads=threads, model=model, steps=steps, rounds=rounds))
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 REFINE_2D = """
@@ -158,6 +195,26 @@ image = 0.3 + 0.4 * mask
 refine_array(model, image, mask, steps={steps}, batch=16)
 """
 
+INFERENCE_DEFAULT_MALLOC = """
+import json, resource, sys, torch
+sys.path.insert(0, 'benchmarks')
+from speed import Straightforward, ring_batch, side_by_side
+from rnca_cli import inference, load_model
+torch.set_num_threads({threads})
+model = load_model({model!r})
+naive = Straightforward(model)
+image, mask = ring_batch(16)
+seeds = torch.arange(16)
+with torch.no_grad():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    naive.rollout(image, mask, {steps}, seeds)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    t = side_by_side({{"fast": lambda: inference.rollout(model, image, mask, {steps}, seeds),
+                      "slow": lambda: naive.rollout(image, mask, {steps}, seeds)}}, {rounds})
+per = 16 * {steps} / 1e3
+print(json.dumps({{"rnca": t["fast"] / per, "straightforward": t["slow"] / per, "straightforward page faults": faults}}))
+"""
+
 STRAIGHT_2D = """
 import numpy as np, torch, sys
 sys.path.insert(0, 'benchmarks')
@@ -177,6 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and smaller sizes (a smoke run)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    no_faults = keep_freed_memory()  # first: every allocation after it follows the new settings
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     model = load_model(args.model)
@@ -365,6 +423,9 @@ def main() -> None:
     rows[inference_row].update({
         "rnca": t_fast / per, "straightforward": t_slow / per, "max |diff| after all steps": max_diff,
         "speed-up per pass": [p["slow"] / p["fast"] for p in inference_passes]})
+    fresh = default_malloc_inference(threads, args.model, steps, pass_rounds)
+    rows["inference in a fresh process, glibc malloc defaults, ms / image / step"] = {
+        **fresh, "speed-up": fresh["straightforward"] / fresh["rnca"]}
     for n, name in cost_rows.items():
         best = [min(times) for times in zip(*(p[n] for p in cost_passes))]  # each step's fastest over all passes
         late, dense, ratio = cost_ratio(best, n)
@@ -378,7 +439,8 @@ def main() -> None:
             key = "straightforward / rnca memory" if "RSS" in name else "speed-up"
             row[key] = row["straightforward"] / row["rnca"]
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch threads": threads,
-               "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+               "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+               "malloc keeps freed memory (no page faults in timings)": no_faults}
     print(json.dumps(machine))
 
     def show(v) -> str:
