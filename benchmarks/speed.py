@@ -13,6 +13,10 @@ Everything is measured in one run, on this machine, side by side:
   GEMM in cache-sized chunks, block-sparse steps) for inference, and ``RNCA.step`` with autograd
   for training (``rnca_cli.train.train_step``'s path).
 
+Every timing runs with glibc's malloc keeping freed memory in the process (``keep_freed_memory``),
+so that neither formulation is timed page-faulting; the inference row is repeated in a fresh
+process with glibc's defaults.
+
 Rows: inference ms per 64x64 image per step (batch 16, 64 steps); training seconds per iteration
 (batch 16, 64 steps, backward); one 584x565 image, 64 steps; a 512x512 image with one small ring,
 where most of the image dies (cost vs alive share); peak RSS of refining a 4096x4096 image and a
