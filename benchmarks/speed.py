@@ -13,9 +13,17 @@ Everything is measured in one run, on this machine, side by side:
   GEMM in cache-sized chunks, block-sparse steps) for inference, and ``RNCA.step`` with autograd
   for training (``rnca_cli.train.train_step``'s path).
 
-Every timing runs with glibc's malloc keeping freed memory in the process (``keep_freed_memory``),
-so that neither formulation is timed page-faulting; the inference row is repeated in a fresh
-process with glibc's defaults.
+Every timing runs with glibc's malloc keeping freed memory in the process
+(``rnca_cli.device.keep_freed_memory``, which the ``rnca`` command sets too), so that neither
+formulation is timed page-faulting. With glibc's defaults a fresh process ``mmap``s every block of
+32 MB or more and faults it in anew after each free; the straightforward formulation allocates
+several per step (its (16, 128, 64, 64) hidden layer alone is 33.5 MB), so a batch-16 rollout took
+2.4-2.7 million minor faults, 5.3-6.3 s of its 6-7 s in the kernel, and 2.75-3.2 instead of 5.9-7.0
+ms per image-step once a heap had grown. Before run AE its inference row came first and was timed
+faulting, which reported rnca's inference ratio as 5.8-8.3x; against the fault-free formulation it
+is about half that. The inference row is repeated in a fresh process with glibc's defaults
+(``default_malloc_inference``); the memory rows run in fresh processes set up as the ``rnca``
+command sets itself up.
 
 Rows: inference ms per 64x64 image per step (batch 16, 64 steps); training seconds per iteration
 (batch 16, 64 steps, backward); one 584x565 image, 64 steps; a 512x512 image with one small ring,
@@ -27,7 +35,6 @@ needs tens of GB); the float32 GEMM rate and the share of it the per-pixel MLP r
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from rnca_cli import inference, load_model, synth, train
+from rnca_cli.device import keep_freed_memory
 from rnca_cli.model import RNCA, FireNoise, visible
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,29 +130,6 @@ def ring_grid(size: int, n: int):
     return image, mask
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory in the process (no ``mmap`` for blocks below 1 GiB, no
-    trimming), so that no timing below includes page faults. Returns whether it took effect.
-
-    With glibc's defaults a fresh process ``mmap``s every block of 32 MB or more and unmaps it when
-    freed, and each new one is faulted in page by page. The straightforward formulation allocates
-    several such tensors per step (its (16, 128, 64, 64) hidden layer alone is 33.5 MB): a batch-16
-    rollout took 2.4-2.7 million minor faults, 5.3-6.3 s of its 6-7 s in the kernel (5.9-7.0 ms per
-    image-step). Once a heap has grown (after one training iteration, say) it takes none and runs
-    at 2.75-3.2 ms. So its time depended on what the process had done before: before run AD its
-    inference row came first and was timed faulting, which made rnca's inference ratio 5.8-8.3x;
-    against the fault-free formulation it is about half that. The rows here compare computation;
-    the inference row also reports both formulations in a fresh process with glibc's defaults
-    (``default_malloc_inference``), and the memory rows run in fresh processes with the defaults.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h; values are C ints
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def run_child(code: str) -> str:
     """Standard output of a fresh Python process running ``code`` in the repository root."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -171,6 +156,8 @@ def default_malloc_inference(threads: int, model: str, steps: int, rounds: int) 
 
 REFINE_2D = """
 import numpy as np, torch
+from rnca_cli.device import keep_freed_memory
+keep_freed_memory()  # as the rnca command does
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
@@ -186,6 +173,8 @@ refine_array(model, image, mask, steps={steps}, tile={tile})
 
 REFINE_3D = """
 import numpy as np, torch
+from rnca_cli.device import keep_freed_memory
+keep_freed_memory()  # as the rnca command does
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
@@ -221,6 +210,8 @@ print(json.dumps({{"rnca": t["fast"] / per, "straightforward": t["slow"] / per, 
 
 STRAIGHT_2D = """
 import numpy as np, torch, sys
+from rnca_cli.device import keep_freed_memory
+keep_freed_memory()  # like for like with the rnca rows
 sys.path.insert(0, 'benchmarks')
 from speed import Straightforward
 from rnca_cli import load_model
