@@ -238,9 +238,10 @@ def main() -> None:
     repeat = 1 if args.quick else 5  # rounds; each row keeps its fastest, the machine drifts by a third
     # The batch-16 inference row and the cost rows are timed in ``passes`` passes of
     # ``pass_rounds`` rounds (the cost rows one more): at the start, after the training rows and at
-    # the end of the run, each keeping its fastest round over all passes. This machine's phases last minutes: in run Z rnca's inference took
-    # 0.77 ms per image-step in its row and 0.67 ms a few minutes later, and a row timed within one
-    # minute reported whichever phase it fell in. Each pass's own ratio is reported as well.
+    # the end of the run, each keeping its fastest round over all passes. This machine's phases
+    # last minutes: in run Z rnca's inference took 0.77 ms per image-step in its row and 0.67 ms a
+    # few minutes later, and a row timed within one minute reported whichever phase it fell in.
+    # Each pass's own ratio is reported as well.
     passes, pass_rounds = (1, 1) if args.quick else (3, 3)
     rows: dict[str, dict] = {}
 
