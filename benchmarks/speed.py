@@ -138,10 +138,15 @@ def run_child(code: str) -> str:
     return done.stdout
 
 
+# First lines of every memory row's child process: set up as the ``rnca`` command sets itself up.
+AS_THE_COMMAND = "from rnca_cli.device import keep_freed_memory\nkeep_freed_memory()\n"
+
+
 def peak_rss_child(code: str) -> float:
-    """Peak resident memory (GiB) of a fresh Python process running ``code``."""
+    """Peak resident memory (GiB) of a fresh Python process running ``code`` after
+    :data:`AS_THE_COMMAND`, so that rnca and the straightforward formulation get the same allocator."""
     # VmHWM belongs to the address space, which exec replaces; ru_maxrss would carry the parent's peak.
-    out = run_child(code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    out = run_child(AS_THE_COMMAND + code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     kib = int([line for line in out.splitlines() if line.startswith("RSS")][-1].split()[1])
     return kib / 2**20
 
@@ -156,8 +161,6 @@ def default_malloc_inference(threads: int, model: str, steps: int, rounds: int) 
 
 REFINE_2D = """
 import numpy as np, torch
-from rnca_cli.device import keep_freed_memory
-keep_freed_memory()  # as the rnca command does
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
@@ -173,8 +176,6 @@ refine_array(model, image, mask, steps={steps}, tile={tile})
 
 REFINE_3D = """
 import numpy as np, torch
-from rnca_cli.device import keep_freed_memory
-keep_freed_memory()  # as the rnca command does
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
@@ -210,8 +211,6 @@ print(json.dumps({{"rnca": t["fast"] / per, "straightforward": t["slow"] / per, 
 
 STRAIGHT_2D = """
 import numpy as np, torch, sys
-from rnca_cli.device import keep_freed_memory
-keep_freed_memory()  # like for like with the rnca rows
 sys.path.insert(0, 'benchmarks')
 from speed import Straightforward
 from rnca_cli import load_model
