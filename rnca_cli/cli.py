@@ -171,7 +171,7 @@ def refine(
     save_prob: Annotated[bool, typer.Option("--save-prob", help="Also write the soft mask (<out>_prob, or prob/ in folder mode).")] = False,
     label: Annotated[Optional[int], typer.Option(help="Refine this label of a multi-label mask; others are kept.")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI volumes are refined slice by slice along this axis.")] = 2,
-    batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass.")] = 16,
+    batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass (at most --tile squared pixels).")] = 32,
     tile: Annotated[int, typer.Option(help="Larger images are refined in tiles of this side (exact halo).")] = 768,
     precision: Annotated[
         str, typer.Option(help="Number format of the per-pixel MLP: fp32, bf16 or fp16 (half precision is for GPUs).")

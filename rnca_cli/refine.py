@@ -89,7 +89,7 @@ def refine_array(
     steps: int = 64,
     seed: int = 0,
     axis: int = 2,
-    batch: int = 16,
+    batch: int = 32,
     tile: int = DEFAULT_TILE,
     precision: str = "fp32",
 ) -> np.ndarray:
@@ -141,7 +141,7 @@ class RefineOptions:
     axis: int = 2
     label: int | None = None
     save_prob: bool = False
-    batch: int = 16
+    batch: int = 32
     tile: int = DEFAULT_TILE
     precision: str = "fp32"
     overwrite: bool = False
