@@ -1,6 +1,6 @@
 """Speed and memory of rnca's inference and training, as ratios against a straightforward rNCA.
 
-    python benchmarks/speed.py [--quick] [--json benchmarks/speed.json]
+    python benchmarks/speed.py [--quick] [--device cpu|cuda|cuda:N] [--json benchmarks/speed.json]
 
 Everything is measured in one run, on this machine, side by side:
 
@@ -30,6 +30,11 @@ Rows: inference ms per 64x64 image per step (batch 16, 64 steps); training secon
 where most of the image dies (cost vs alive share); peak RSS of refining a 4096x4096 image and a
 256^3 volume (child processes; the straightforward formulation at 1024x1024, since at 4096x4096 it
 needs tens of GB); the float32 GEMM rate and the share of it the per-pixel MLP reaches.
+
+``--device cuda`` measures the rows that mean something on a GPU instead (:func:`device_rows`):
+batch-16 and batch-256 inference against the straightforward formulation on the same GPU and
+against rnca's CPU result, half precision, a training iteration, the 584x565 and one-ring images,
+and peak CUDA memory for a 4096x4096 image and a 256^3 volume.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnca_cli import inference, load_model, synth, train
-from rnca_cli.device import keep_freed_memory
+from rnca_cli import RncaError, inference, load_model, synth, train
+from rnca_cli.device import keep_freed_memory, resolve_device
 from rnca_cli.model import RNCA, FireNoise, visible
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,12 +81,26 @@ class Straightforward:
 
     def rollout(self, image, mask, steps, seeds):
         b, _, h, w = image.shape
-        state = torch.zeros(b, self.m.config.channels, h, w)
+        state = torch.zeros(b, self.m.config.channels, h, w, device=image.device)
         state[:, 0] = mask.clamp(self.m.config.visible_floor, 1)
         noise = FireNoise(seeds, (h, w))
         for t in range(steps):
             state = self.step(state, image, noise, t)
         return state
+
+
+def train_iteration(model: RNCA, naive: Straightforward, image, mask, seeds, steps: int, fast: bool) -> None:
+    """One training iteration, every sample unrolled ``steps`` steps, MSE at the last, backward:
+    rnca's differentiated step (``RNCA.step``, what ``rnca_cli.train`` runs) or the straightforward
+    formulation's, on the device the tensors are on."""
+    state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
+    noise = FireNoise(seeds, tuple(mask.shape[-2:]))
+    patches = model.image_patches(image) if fast else None
+    for t in range(steps):
+        state = model.step(state, patches, noise, t) if fast else naive.step(state.contiguous(), image, noise, t)
+    loss = ((state[:, 0] - (mask > 0.5).float()) ** 2).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -139,7 +158,7 @@ def run_child(code: str) -> str:
 
 
 # First lines of every memory row's child process: set up as the ``rnca`` command sets itself up.
-AS_THE_COMMAND = "from rnca_cli.device import keep_freed_memory\nkeep_freed_memory()\n"
+AS_THE_COMMAND = "from rnca_cli.device import keep_freed_memory, resolve_device\nkeep_freed_memory()\n"
 
 
 def peak_rss_child(code: str) -> float:
@@ -149,6 +168,97 @@ def peak_rss_child(code: str) -> float:
     out = run_child(AS_THE_COMMAND + code + "\nprint('RSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     kib = int([line for line in out.splitlines() if line.startswith("RSS")][-1].split()[1])
     return kib / 2**20
+
+
+def peak_cuda_child(code: str) -> float:
+    """Peak CUDA memory allocated by tensors (GiB, ``torch.cuda.max_memory_allocated``) in a fresh
+    Python process running ``code``: what the caching allocator handed to rnca's tensors, not what
+    it reserved from the driver."""
+    out = run_child(AS_THE_COMMAND + code + "\nprint('CUDA', torch.cuda.max_memory_allocated())")
+    return int([line for line in out.splitlines() if line.startswith("CUDA")][-1].split()[1]) / 2**30
+
+
+def device_rows(model_name: str, device: torch.device, steps: int, repeat: int, quick: bool) -> dict:
+    """rnca against the straightforward formulation on ``device`` (a GPU; on a CPU it runs the same
+    code as a check of this function): batch-16 and large-batch inference, the CPU's result as the
+    reference, half precision, a training iteration, a 584x565 image, the one-ring image with and
+    without block-sparse steps, and peak CUDA memory of a 4096x4096 image and a 256^3 volume.
+
+    Both formulations run with float32 convolutions (``rnca_cli.device.float32_convolutions``, as
+    refine and train run): with cuDNN's default TF32 the straightforward formulation's 1x1
+    convolutions would compute its MLP with 10-bit mantissas and its output would differ from rnca's
+    for that reason alone. GPU work is asynchronous, so every timed call ends with a synchronisation."""
+    from rnca_cli.device import float32_convolutions
+
+    def synced(fn):
+        if device.type != "cuda":
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize(device))
+
+    def timed(fns: dict, rounds: int) -> dict:
+        return side_by_side({name: synced(fn) for name, fn in fns.items()}, rounds)
+
+    model = load_model(model_name, device=device)
+    naive = Straightforward(model)
+    cpu_model = load_model(model_name)
+    rows: dict[str, dict] = {}
+    name = device.type
+    with float32_convolutions(device), torch.no_grad():
+        for batch in (16, 32 if quick else 256):
+            image, mask = ring_batch(batch)
+            seeds = torch.arange(batch)
+            on = (image.to(device), mask.to(device), steps, seeds.to(device))
+            fast = inference.rollout(model, *on).cpu()
+            cpu = inference.rollout(cpu_model, image, mask, steps, seeds)
+            slow = visible(naive.rollout(*on)).cpu()
+            t = timed({"fast": lambda: inference.rollout(model, *on), "slow": lambda: naive.rollout(*on)}, repeat)
+            per = batch * steps / 1e3
+            rows[f"{name}: inference ms / 64x64 image / step (batch {batch})"] = {
+                "rnca": t["fast"] / per, "straightforward": t["slow"] / per,
+                "max |diff| vs straightforward": float((fast - slow).abs().max()),
+                "max |diff| vs rnca on the CPU": float((fast - cpu).abs().max()),
+                "mask agreement with the CPU": float(((fast >= 0.5) == (cpu >= 0.5)).float().mean())}
+            if batch != 16:
+                continue
+            t = timed({p: (lambda p=p: inference.rollout(model, *on, precision=p)) for p in inference.PRECISIONS}, repeat)
+            for p in ("bf16", "fp16"):
+                half = inference.rollout(model, *on, precision=p).cpu()
+                rows[f"{name}: inference with --precision {p}, ms / image / step (batch 16)"] = {
+                    "rnca": t[p] / per, "rnca fp32": t["fp32"] / per, "time vs fp32": t[p] / t["fp32"],
+                    "mask agreement with fp32 on the CPU": float(((half >= 0.5) == (cpu >= 0.5)).float().mean()),
+                    "mean |diff| vs fp32 on the CPU": float((half - cpu).abs().mean())}
+        h, w = (584, 565) if not quick else (146, 141)
+        big_img = torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        big_mask = torch.from_numpy(np.pad(ring_batch(1, 128)[1][0].numpy(), ((0, h - 128), (0, w - 128))))[None].to(device)
+        zero = torch.tensor([0], device=device)
+        t = timed({"fast": lambda: inference.rollout(model, big_img, big_mask, steps, zero),
+                   "slow": lambda: naive.rollout(big_img, big_mask, steps, zero)}, repeat)
+        rows[f"{name}: {h}x{w} image, {steps} steps, s"] = {"rnca": t["fast"], "straightforward": t["slow"]}
+        size = 512 if not quick else 256
+        s_img, s_mask = (x.to(device) for x in ring_grid(size, 1))
+        t = timed({"sparse": lambda: inference.rollout(model, s_img, s_mask, steps, zero),
+                   "dense": lambda: inference.rollout(model, s_img, s_mask, steps, zero, sparse=False),
+                   "slow": lambda: naive.rollout(s_img, s_mask, steps, zero)}, repeat)
+        rows[f"{name}: {size}x{size}, one ring, {steps} steps, s"] = {
+            "rnca": t["sparse"], "rnca without block-sparse steps": t["dense"], "straightforward": t["slow"]}
+    with float32_convolutions(device):
+        image, mask = (x.to(device) for x in ring_batch(16))
+        seeds = torch.arange(16, device=device)
+        model.train()
+        t = timed({"fast": lambda: train_iteration(model, naive, image, mask, seeds, steps, True),
+                   "slow": lambda: train_iteration(model, naive, image, mask, seeds, steps, False)}, repeat)
+        model.eval()
+        rows[f"{name}: training s / iteration, all samples {steps} steps (batch 16)"] = {
+            "rnca": t["fast"], "straightforward": t["slow"]}
+    if device.type == "cuda":
+        big, vol = (4096, 256) if not quick else (1024, 64)
+        fmt = dict(threads=torch.get_num_threads(), model=model_name, steps=steps, tile=inference.DEFAULT_TILE,
+                   device=str(device))
+        rows[f"{name}: peak CUDA memory allocated GiB, {big}x{big} image"] = {
+            "rnca": peak_cuda_child(REFINE_2D.format(size=big, **fmt))}
+        rows[f"{name}: peak CUDA memory allocated GiB, {vol}^3 volume"] = {
+            "rnca": peak_cuda_child(REFINE_3D.format(size=vol, **fmt))}
+    return rows
 
 
 def default_malloc_inference(threads: int, model: str, steps: int, rounds: int) -> dict:
@@ -164,7 +274,7 @@ import numpy as np, torch
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
-model = load_model({model!r})
+model = load_model({model!r}, device={device!r})
 size = {size}
 yy, xx = np.ogrid[:size, :size]  # broadcast grids: the input costs 2 float32 images, not 6 float64 ones
 r = np.hypot((yy - size / 2).astype(np.float32), (xx - size / 2).astype(np.float32))
@@ -179,7 +289,7 @@ import numpy as np, torch
 from rnca_cli import load_model
 from rnca_cli.refine import refine_array
 torch.set_num_threads({threads})
-model = load_model({model!r})
+model = load_model({model!r}, device={device!r})
 n = {size}
 zz, yy, xx = (g.astype(np.float32) - n / 2 for g in np.ogrid[:n, :n, :n])
 r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
@@ -222,26 +332,19 @@ with torch.no_grad():
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="rings")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller sizes (a smoke run)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    no_faults = keep_freed_memory()  # first: every allocation after it follows the new settings
-    torch.manual_seed(0)
+def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
+    """Every CPU row of the table (module docstring), rnca against the straightforward formulation."""
     threads = torch.get_num_threads()
-    model = load_model(args.model)
+    model = load_model(model_name)
     naive = Straightforward(model)
-    steps = 8 if args.quick else 64
-    repeat = 1 if args.quick else 5  # rounds; each row keeps its fastest, the machine drifts by a third
+    repeat = 1 if quick else 5  # rounds; each row keeps its fastest, the machine drifts by a third
     # The batch-16 inference row and the cost rows are timed in ``passes`` passes of
     # ``pass_rounds`` rounds (the cost rows one more): at the start, after the training rows and at
     # the end of the run, each keeping its fastest round over all passes. This machine's phases
     # last minutes: in run Z rnca's inference took 0.77 ms per image-step in its row and 0.67 ms a
     # few minutes later, and a row timed within one minute reported whichever phase it fell in.
     # Each pass's own ratio is reported as well.
-    passes, pass_rounds = (1, 1) if args.quick else (3, 3)
+    passes, pass_rounds = (1, 1) if quick else (3, 3)
     rows: dict[str, dict] = {}
 
     # 1. inference, batch 16 of 64x64, and exactness
@@ -268,7 +371,7 @@ def main() -> None:
     #    minimum over rounds that alternate the three images): the all-alive step is step 0, the
     #    steady state steps 16..63. Timing steps inside one rollout keeps the drift of this
     #    machine out of the comparison.
-    size = 512 if not args.quick else 256
+    size = 512 if not quick else 256
     late_from = steps // 4
     grids = {n: ring_grid(size, n) for n in (4, 2, 1)}
     alive_late = {}
@@ -318,22 +421,8 @@ def main() -> None:
     # 2. training iteration, batch 16, backward included
     model.train()
     target = (mask > 0.5).float()
-
-    def train_iteration(step_fn, needs_patches: bool):
-        state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
-        noise = FireNoise(seeds, (64, 64))
-        patches = model.image_patches(image) if needs_patches else None
-        for t in range(steps):
-            state = step_fn(state, patches, noise, t)
-        loss = ((state[:, 0] - target) ** 2).mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def naive_step(s, _, n, t):
-        return naive.step(s.contiguous(), image, n, t)
-
-    t = side_by_side({"fast": lambda: train_iteration(model.step, True),
-                      "slow": lambda: train_iteration(naive_step, False)}, repeat)
+    t = side_by_side({"fast": lambda: train_iteration(model, naive, image, mask, seeds, steps, True),
+                      "slow": lambda: train_iteration(model, naive, image, mask, seeds, steps, False)}, repeat)
     t_fast, t_slow = t["fast"], t["slow"]
     rows[f"training s / iteration, all samples {steps} steps (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
 
@@ -350,7 +439,7 @@ def main() -> None:
         else:
             loss = 0.0
             for t in range(1, int(t_star.max()) + 1):
-                state = naive_step(state, None, noise, t - 1)
+                state = naive.step(state.contiguous(), image, noise, t - 1)
                 hit = t_star == t
                 if hit.any():
                     loss = loss + ((state[hit, 0] - target[hit]) ** 2).mean(dim=(1, 2)).sum()
@@ -368,7 +457,7 @@ def main() -> None:
         cost_pass()
 
     # 3. one DRIVE-sized image
-    h, w = (584, 565) if not args.quick else (146, 141)
+    h, w = (584, 565) if not quick else (146, 141)
     big_img, big_mask = torch.rand(1, 1, h, w), torch.from_numpy(
         np.pad(ring_batch(1, 128)[1][0].numpy(), ((0, h - 128), (0, w - 128))))[None]
     with torch.no_grad():
@@ -400,12 +489,12 @@ def main() -> None:
     rows["per-pixel MLP GFLOP/s (65536 px)"] = {"rnca": mlp_flops / t_mlp / 1e9, "share of GEMM rate": mlp_flops / t_mlp / 1e9 / gemm}
 
     # 6. peak memory, fresh processes
-    big = 4096 if not args.quick else 1024
-    vol = 256 if not args.quick else 64
-    fmt = dict(threads=threads, model=args.model, steps=steps, tile=inference.DEFAULT_TILE)
+    big = 4096 if not quick else 1024
+    vol = 256 if not quick else 64
+    fmt = dict(threads=threads, model=model_name, steps=steps, tile=inference.DEFAULT_TILE, device="cpu")
     rows[f"peak RSS GiB, {big}x{big} image"] = {"rnca": peak_rss_child(REFINE_2D.format(size=big, **fmt))}
     rows[f"peak RSS GiB, {vol}^3 volume"] = {"rnca": peak_rss_child(REFINE_3D.format(size=vol, **fmt))}
-    mid = 1024 if not args.quick else 256
+    mid = 1024 if not quick else 256
     rows[f"peak RSS GiB, {mid}x{mid} image"] = {
         "rnca": peak_rss_child(REFINE_2D.format(size=mid, **fmt)),
         "straightforward": peak_rss_child(STRAIGHT_2D.format(size=mid, **fmt)),
@@ -418,7 +507,7 @@ def main() -> None:
     rows[inference_row].update({
         "rnca": t_fast / per, "straightforward": t_slow / per, "max |diff| after all steps": max_diff,
         "speed-up per pass": [p["slow"] / p["fast"] for p in inference_passes]})
-    fresh = default_malloc_inference(threads, args.model, steps, pass_rounds)
+    fresh = default_malloc_inference(threads, model_name, steps, pass_rounds)
     rows["inference in a fresh process, glibc malloc defaults, ms / image / step"] = {
         **fresh, "speed-up": fresh["straightforward"] / fresh["rnca"]}
     for n, name in cost_rows.items():
@@ -429,13 +518,38 @@ def main() -> None:
             "step / all-alive step": late / dense, "(step / all-alive) / alive share": ratio,
             "target <= 3 met": ratio <= 3, "ratio per pass": [cost_ratio(p[n], n)[2] for p in cost_passes]})
 
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="rings")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu: the CPU table; cuda or cuda:N: the GPU rows (device_rows) on that GPU")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and smaller sizes (a smoke run)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    no_faults = keep_freed_memory()  # first: every allocation after it follows the new settings
+    torch.manual_seed(0)
+    try:
+        device = resolve_device(args.device)
+    except RncaError as error:
+        parser.error(str(error))
+    steps = 8 if args.quick else 64
+    if device.type == "cpu":
+        rows = cpu_rows(args.model, steps, args.quick)
+    else:
+        rows = device_rows(args.model, device, steps, 1 if args.quick else 5, args.quick)
     for name, row in rows.items():
         if "straightforward" in row and row.get("rnca"):
             key = "straightforward / rnca memory" if "RSS" in name else "speed-up"
             row[key] = row["straightforward"] / row["rnca"]
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch threads": threads,
-               "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch threads": torch.get_num_threads(), "torch": torch.__version__,
+               "python": platform.python_version(), "cuda": torch.cuda.is_available(),
                "malloc keeps freed memory (no page faults in timings)": no_faults}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(machine))
 
     def show(v) -> str:

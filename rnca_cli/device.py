@@ -1,8 +1,10 @@
 """Where and how computation runs: the ``--device`` choice (``auto``, ``cpu``, ``cuda`` or
-``cuda:N``) and the process's memory allocator settings (:func:`keep_freed_memory`)."""
+``cuda:N``), float32 convolutions on GPUs (:func:`float32_convolutions`) and the process's memory
+allocator settings (:func:`keep_freed_memory`)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -38,6 +40,37 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     """A seeded generator living on ``device`` (CUDA kernels need a CUDA generator)."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+@contextlib.contextmanager
+def float32_convolutions(device: torch.device):
+    """Run cuDNN's float32 convolutions in full float32 (IEEE) inside the block, on a CUDA device.
+
+    PyTorch lets cuDNN compute float32 convolutions in TF32 by default (10-bit mantissa, on Ampere
+    and later GPUs), and the state's channels-last depthwise perception goes to cuDNN. An error of
+    1e-3 in a cell's perception can move it across the alive threshold, so fp32 refinement on a GPU
+    would no longer match the CPU to float rounding. The MLP's matrix products already run in
+    float32 under PyTorch's defaults. The setting is restored on leaving; on a CPU, or when the
+    user has set float32 convolutions already, nothing changes. Half precision (``--precision``)
+    is unaffected: it concerns the MLP.
+    """
+    cudnn = torch.backends.cudnn
+    if device.type != "cuda":
+        yield
+        return
+    conv = getattr(cudnn, "conv", None)  # PyTorch >= 2.9: per-operation precision settings
+    if conv is not None:
+        before, conv.fp32_precision = conv.fp32_precision, "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = before
+    else:
+        before, cudnn.allow_tf32 = cudnn.allow_tf32, False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = before
 
 
 # glibc's mallopt parameters (malloc.h); their values are C ints.

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import float32_convolutions
 from .model import RNCA, FireNoise, flat_nonzero, gather_rows, max3x3, needed, row_chunks, visible
 
 BLOCK = 16
@@ -107,22 +108,23 @@ def rollout(
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0, "update_share": 0.0}
     seconds = []
 
-    for t in range(steps):
-        start = time.perf_counter()
-        blocks = flat_nonzero(reach)  # (nc,) block ids, (b, by, bx) order
-        if len(blocks) == 0:
-            break  # nothing left alive: every later step keeps the all-zero state
-        if use_sparse and len(blocks) < SPARSE_BELOW * reach.numel():
-            reach, alive, updated = run.sparse_step(t, blocks)
-            counts["sparse_steps"] += 1
-        else:
-            reach, alive, updated = run.dense_step(t)
-            counts["dense_steps"] += 1
-        if stats is not None:
-            counts["block_share"] += len(blocks) / reach.numel() / steps
-            counts["alive_share"] += alive / (b * h * w) / steps
-            counts["update_share"] += updated / (b * h * w) / steps
-            seconds.append(time.perf_counter() - start)  # the step synchronised: its ``flat_nonzero`` reads the result
+    with float32_convolutions(image.device):  # fp32 on a GPU matches the CPU (see there)
+        for t in range(steps):
+            start = time.perf_counter()
+            blocks = flat_nonzero(reach)  # (nc,) block ids, (b, by, bx) order
+            if len(blocks) == 0:
+                break  # nothing left alive: every later step keeps the all-zero state
+            if use_sparse and len(blocks) < SPARSE_BELOW * reach.numel():
+                reach, alive, updated = run.sparse_step(t, blocks)
+                counts["sparse_steps"] += 1
+            else:
+                reach, alive, updated = run.dense_step(t)
+                counts["dense_steps"] += 1
+            if stats is not None:
+                counts["block_share"] += len(blocks) / reach.numel() / steps
+                counts["alive_share"] += alive / (b * h * w) / steps
+                counts["update_share"] += updated / (b * h * w) / steps
+                seconds.append(time.perf_counter() - start)  # the step synchronised: its ``flat_nonzero`` reads the result
     if stats is not None:
         stats.update(counts, step_seconds=seconds)
     return visible(run.buf[:, :, RING : h + RING, RING : w + RING])

@@ -442,8 +442,8 @@ class FireNoise:
     A cell's draw depends only on its sample's seed, the step and its *global* coordinates
     (``origin`` + position), not on the batch, the tile, or the order of draws. So a tile of an
     image refines exactly like the same pixels of the whole image, a case refines the same in any
-    batch, and (integer arithmetic) CUDA should draw the same masks as the CPU, not yet checked on a
-    GPU. Coordinates and steps must be below 2^20.
+    batch, and (integer arithmetic) CUDA should draw the same masks as the CPU (a test checks it
+    where a GPU exists; none has been available yet). Coordinates and steps must be below 2^20.
     """
 
     def __init__(self, seeds: torch.Tensor, shape: tuple[int, int], origin: tuple[int, int] = (0, 0)):

@@ -30,7 +30,7 @@ import torch
 
 from . import inference, io
 from .checkpoint import save_checkpoint
-from .device import make_generator
+from .device import float32_convolutions, make_generator
 from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
@@ -370,27 +370,28 @@ def train(
     start = time.perf_counter()
     provenance = {"data": data.description, "train_config": asdict(config), "iterations": 0}
     ckpt = out / "model.pt"
-    for it in range(1, config.iterations + 1):
-        loss = train_step(model, opt, pool, config, index_gen, step_gen)
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"{out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
-                "try a smaller --lr"
-            )
-        elapsed = time.perf_counter() - start
-        row = {"iteration": it, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.2f}"}
-        val = None
-        if val_set is not None and (it % config.val_every == 0 or it == config.iterations):
-            model.eval()
-            val = validate(model, val_set, config.steps, config.seed)
-            model.train()
-            row.update({k: f"{v:.4f}" for k, v in val.items()})
-        rows.append(row)
-        if it % config.save_every == 0 or it == config.iterations:
-            provenance.update(iterations=it, train_seconds=round(elapsed, 1), final_loss=loss, **(val or {}))
-            save_checkpoint(ckpt, model, provenance)
-            io.write_csv(out / "log.csv", LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
-        if on_progress:
-            on_progress(Progress(it, config.iterations, loss, it / elapsed if elapsed > 0 else 0.0, val))
+    with float32_convolutions(device):  # CUDA trains like the CPU, to float rounding (see there)
+        for it in range(1, config.iterations + 1):
+            loss = train_step(model, opt, pool, config, index_gen, step_gen)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"{out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
+                    "try a smaller --lr"
+                )
+            elapsed = time.perf_counter() - start
+            row = {"iteration": it, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.2f}"}
+            val = None
+            if val_set is not None and (it % config.val_every == 0 or it == config.iterations):
+                model.eval()
+                val = validate(model, val_set, config.steps, config.seed)
+                model.train()
+                row.update({k: f"{v:.4f}" for k, v in val.items()})
+            rows.append(row)
+            if it % config.save_every == 0 or it == config.iterations:
+                provenance.update(iterations=it, train_seconds=round(elapsed, 1), final_loss=loss, **(val or {}))
+                save_checkpoint(ckpt, model, provenance)
+                io.write_csv(out / "log.csv", LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
+            if on_progress:
+                on_progress(Progress(it, config.iterations, loss, it / elapsed if elapsed > 0 else 0.0, val))
     model.eval()
     return model, ckpt

@@ -14,6 +14,8 @@ from rnca_cli.checkpoint import save_checkpoint
 from rnca_cli.model import RNCA, ModelConfig
 
 SHARED_RINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "rings-train"
+# CUDA tests compare the GPU with the CPU; they run wherever PyTorch sees a CUDA device.
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def ring(size: int = 32, radius: float = 9.0, width: float = 2.5, gap: bool = False) -> np.ndarray:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from rnca_cli.cli import app
 
-from conftest import write_png
+from conftest import requires_cuda, write_png
 from test_train import make_folders
 
 runner = CliRunner()
@@ -194,3 +194,30 @@ def test_tiled_refine_writes_the_same_mask(tmp_path, png_folders, model_file):
         assert (tmp_path / f"{name}_prob.png").exists()
     assert (tmp_path / "whole_prob.png").read_bytes() == (tmp_path / "tiled_prob.png").read_bytes()
     assert rnca(*common, "--out", tmp_path / "x.png", "--tile", 4).exit_code == 1
+
+
+@requires_cuda
+def test_refine_and_train_on_cuda(tmp_path, png_folders, model_file):
+    """--device cuda end to end: the refined probabilities match the CPU's to uint8 rounding, and a
+    model trained on the GPU is saved as CPU tensors that refine anywhere."""
+    import torch
+
+    from rnca_cli import load_checkpoint
+
+    images, masks = png_folders
+    common = ["refine", "--image", images / "case1.png", "--mask", masks / "case1.png", "--model", model_file,
+              "--steps", 6, "--save-prob", "-q"]
+    for device in ("cpu", "cuda"):
+        assert rnca(*common, "--out", tmp_path / f"{device}.png", "--device", device).exit_code == 0
+    cpu, gpu = (np.asarray(Image.open(tmp_path / f"{d}_prob.png")).astype(int) for d in ("cpu", "cuda"))
+    assert np.abs(cpu - gpu).max() <= 1
+    images, labels, states = make_folders(tmp_path / "train", n=4)
+    run = tmp_path / "run"
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", run,
+                  "--iterations", 3, "--pool", 8, "--batch", 2, "--replace", 1, "--steps", 6, "--min-step", 3,
+                  "--patch", 32, "--channels", 4, "--hidden", 16, "--val-cases", 1, "--val-every", 3, "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    raw = torch.load(run / "model.pt", weights_only=True)  # no map_location: tensors load where they were saved
+    assert all(t.device.type == "cpu" for t in raw["state_dict"].values())
+    model, provenance = load_checkpoint(run / "model.pt")
+    assert provenance["iterations"] == 3

@@ -1,4 +1,5 @@
-"""The process's allocator setting (``keep_freed_memory``) and the ``rnca`` command applying it."""
+"""Float32 convolutions on GPUs, the process's allocator setting (``keep_freed_memory``) and the
+``rnca`` command applying it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rnca_cli import device
@@ -69,3 +71,20 @@ def test_rnca_command_sets_it_before_running(monkeypatch, tmp_path):
     monkeypatch.setattr(device, "keep_freed_memory", lambda: calls.append(True) or True)
     result = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "none"), "--gt", str(tmp_path)])
     assert result.exit_code == 1 and calls == [True]
+
+
+def conv_precision() -> str:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return conv.fp32_precision if conv is not None else str(torch.backends.cudnn.allow_tf32)
+
+
+@pytest.mark.parametrize("where, inside", [("cuda", {"ieee", "False"}), ("cpu", None)])
+def test_float32_convolutions_holds_only_inside_the_block_and_only_on_cuda(where, inside):
+    """The flag is process-wide and readable without a GPU; refine and train set it around their loops."""
+    before = conv_precision()
+    with device.float32_convolutions(torch.device(where)):
+        assert conv_precision() in (inside or {before})
+    assert conv_precision() == before
+    with pytest.raises(KeyError), device.float32_convolutions(torch.device(where)):
+        raise KeyError("an error inside still restores the setting")
+    assert conv_precision() == before

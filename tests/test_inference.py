@@ -9,7 +9,7 @@ import torch
 from rnca_cli import inference
 from rnca_cli.model import RNCA, FireNoise, ModelConfig, visible
 
-from conftest import ring, tiny_model
+from conftest import requires_cuda, ring, tiny_model
 
 
 def pruning_model(seed=0):
@@ -155,3 +155,32 @@ def test_half_precision_mlp_stays_close_to_float32(precision):
     assert half.dtype == torch.float32 and not torch.equal(half, full)  # the MLP really ran in half precision
     assert float(((half >= 0.5) == (full >= 0.5)).float().mean()) >= 0.98
     assert float((half - full).abs().mean()) <= 0.02
+
+
+@requires_cuda
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cuda_rollout_matches_the_cpu(sparse):
+    """Documented tolerance (README): in fp32 a GPU refines like the CPU to float rounding (max |diff|
+    <= 1e-4); in bf16 / fp16 it stays within half precision's tolerance of the CPU's fp32 result."""
+    model = pruning_model()
+    image, mask = small_object()
+    img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
+    stats = {}
+    cpu = inference.rollout(model, img, msk, 30, torch.tensor([2]), sparse=sparse)
+    gpu_model = pruning_model().cuda()
+    gpu = inference.rollout(gpu_model, img.cuda(), msk.cuda(), 30, torch.tensor([2]).cuda(), sparse=sparse, stats=stats)
+    assert gpu.is_cuda and (stats["sparse_steps"] > 10) == sparse
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    for precision in ("bf16", "fp16"):
+        half = inference.rollout(gpu_model, img.cuda(), msk.cuda(), 30, torch.tensor([2]).cuda(), precision=precision).cpu()
+        assert float(((half >= 0.5) == (cpu >= 0.5)).float().mean()) >= 0.98
+        assert float((half - cpu).abs().mean()) <= 0.02
+
+
+@requires_cuda
+def test_cuda_tiles_equal_the_cpu_untiled():
+    model = pruning_model(1)
+    image, mask = small_object(size=70)
+    untiled = reference(model, image, mask, 6, 4)
+    tiled = inference.refine_image(pruning_model(1).cuda(), image, mask, 6, 4, tile=16)
+    np.testing.assert_allclose(tiled, untiled, atol=1e-4)

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rnca_cli.device import float32_convolutions
 from rnca_cli.model import (RNCA, FireNoise, ModelConfig, count_parameters, draw_seeds, flat_nonzero, near, needed,
                              row_chunks, row_updates, visible)
 
-from conftest import tiny_model
+from conftest import requires_cuda, tiny_model
 
 
 def inputs(b=2, c=1, h=12, w=10, seed=0):
@@ -287,3 +288,38 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+@requires_cuda
+def test_update_masks_are_the_same_on_cuda():
+    """The hash is integer arithmetic, so a GPU draws exactly the CPU's update masks."""
+    seeds = torch.tensor([0, 5, (1 << 62) - 1])
+    cpu = FireNoise(seeds, (37, 41), origin=(3, 900))
+    gpu = FireNoise(seeds.cuda(), (37, 41), origin=(3, 900))
+    assert torch.equal(cpu.keys, gpu.keys.cpu())
+    for t in (0, 1, 63, 1000):
+        assert torch.equal(FireNoise.draw(cpu.keys, t), FireNoise.draw(gpu.keys, t).cpu())
+        assert torch.equal(FireNoise.fires(cpu.keys, t, 0.5), FireNoise.fires(gpu.keys, t, 0.5).cpu())
+
+
+@requires_cuda
+def test_training_gradients_on_cuda_match_the_cpu():
+    """Training's differentiated step computes the same loss and gradients on a GPU, to float rounding."""
+    image, mask = inputs(b=3, h=20, w=18)
+    target = (mask > 0.5).float()
+    results = []
+    for device in ("cpu", "cuda"):
+        model = tiny_model().to(device)
+        noise = FireNoise(torch.tensor([3, 4, 5], device=device), (20, 18))
+        state, patches = model.initial_state(mask.to(device)), model.image_patches(image.to(device))
+        with float32_convolutions(torch.device(device)):  # as rnca_cli.train.train runs its loop
+            for step in range(10):
+                state = model.step(state, patches, noise, step)
+            loss = ((state[:, 0] - target.to(device)) ** 2).mean()
+            loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.cpu() for n, p in model.named_parameters()}))
+    (loss_cpu, grads_cpu), (loss_gpu, grads_gpu) = results
+    assert loss_gpu == pytest.approx(loss_cpu, rel=1e-5)
+    for name, grad in grads_cpu.items():
+        torch.testing.assert_close(grads_gpu[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(float(g.abs().max()) > 0 for g in grads_cpu.values())
