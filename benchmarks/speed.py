@@ -158,7 +158,7 @@ def run_child(code: str) -> str:
 
 
 # First lines of every memory row's child process: set up as the ``rnca`` command sets itself up.
-AS_THE_COMMAND = "from rnca_cli.device import keep_freed_memory, resolve_device\nkeep_freed_memory()\n"
+AS_THE_COMMAND = "from rnca_cli.device import keep_freed_memory\nkeep_freed_memory()\n"
 
 
 def peak_rss_child(code: str) -> float:
