@@ -54,23 +54,18 @@ def float32_convolutions(device: torch.device):
     user has set float32 convolutions already, nothing changes. Half precision (``--precision``)
     is unaffected: it concerns the MLP.
     """
-    cudnn = torch.backends.cudnn
     if device.type != "cuda":
         yield
         return
+    cudnn = torch.backends.cudnn
     conv = getattr(cudnn, "conv", None)  # PyTorch >= 2.9: per-operation precision settings
-    if conv is not None:
-        before, conv.fp32_precision = conv.fp32_precision, "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = before
-    else:
-        before, cudnn.allow_tf32 = cudnn.allow_tf32, False
-        try:
-            yield
-        finally:
-            cudnn.allow_tf32 = before
+    owner, name, full = (conv, "fp32_precision", "ieee") if conv is not None else (cudnn, "allow_tf32", False)
+    before = getattr(owner, name)
+    setattr(owner, name, full)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
 
 
 # glibc's mallopt parameters (malloc.h); their values are C ints.
