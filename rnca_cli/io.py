@@ -256,17 +256,26 @@ def _umask() -> int:
     return mask
 
 
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only on success.
 
     The temporary name keeps the target's suffix so format-by-suffix writers behave the same.
-    On any exception the temporary file is removed and ``target`` is left as it was.
+    On any exception the temporary file is removed and ``target`` is left as it was. An operating
+    system error while writing (no permission, disk full, a read-only or special file system)
+    becomes an :class:`OutputError` naming ``target``: every file rnca writes goes through here.
     """
     target = Path(target)
     if not target.parent.is_dir():
         raise OutputError(f"{target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix_of(target)}", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix_of(target)}", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write in {target.parent} ({_os_reason(exc)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -274,9 +283,23 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes private (0600) files; give the result the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write ({_os_reason(exc)})") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create an output folder and its parents if missing; an :class:`OutputError` naming it if
+    that fails (a file in the way, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the folder ({_os_reason(exc)})") from None
+    return path
 
 
 def _csv_cell(value) -> str:

@@ -382,7 +382,7 @@ def perturb_folder(
             if target.exists() and not overwrite:
                 raise io.OutputError(f"{target}: already exists; pass --overwrite to replace it")
         plan.append((path, cid, targets))
-    out.mkdir(parents=True, exist_ok=True)
+    io.make_folder(out)
     rows, written = [], []
     for path, cid, targets in plan:
         loaded = io.read_mask(path, label=label)

@@ -258,10 +258,10 @@ def _write(job: Job, mask: io.Loaded, prob: np.ndarray, options: RefineOptions) 
         result = np.where(binary & (result == 0), options.label, result).astype(labels.dtype)
     else:
         result = binary
-    job.out.parent.mkdir(parents=True, exist_ok=True)
+    io.make_folder(job.out.parent)
     io.write_mask(job.out, result, mask)
     if job.prob_out is not None:
-        job.prob_out.parent.mkdir(parents=True, exist_ok=True)
+        io.make_folder(job.prob_out.parent)
         io.write_mask(job.prob_out, prob, mask, soft=True)
     before = int((mask.data >= options.threshold).sum())
     return CaseResult(job.case_id, job.out, before, int(binary.sum()))

@@ -180,7 +180,7 @@ def write_dataset(
     if not overwrite and any(f.exists() and any(f.iterdir()) for f in folders):
         raise OutputError(f"{out}: already holds a dataset; pass --overwrite or choose another --out")
     for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
+        io.make_folder(folder)
     ref = io.Loaded(np.zeros((size, size)), out / "ref.png")
     cases, rows = [], []
     for k in range(n):

@@ -328,8 +328,7 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
         raise OutputError(f"{out}: exists and is not a folder")
     if (out / "model.pt").exists() and not overwrite:
         raise OutputError(f"{out / 'model.pt'}: already exists; pass --overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return io.make_folder(out)
 
 
 LOG_COLUMNS = ("iteration", "loss", "seconds", "val_dice_before", "val_dice_after")

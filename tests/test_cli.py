@@ -86,7 +86,7 @@ def test_existing_output_needs_overwrite(tmp_path, png_folders, model_file):
 @pytest.mark.parametrize(
     "case",
     ["missing_image", "shape_mismatch", "unreadable", "no_pairs", "bad_model", "bad_device", "bad_option",
-     "bad_precision"],
+     "bad_precision", "out_blocked"],
 )
 def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, case):
     images, masks = png_folders
@@ -109,6 +109,9 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, 
         extra, expected = ["--device", "tpu"], "--device tpu"
     elif case == "bad_precision":
         extra, expected = ["--precision", "fp64"], "precision must be one of fp32, bf16, fp16, not 'fp64'"
+    elif case == "out_blocked":  # the output folder cannot be made: a file is in the way
+        (tmp_path / "taken").write_text("")
+        out, expected = tmp_path / "taken" / "out.png", "taken: cannot create the folder"
     else:
         extra, expected = ["--threshold", "0"], "threshold must be in (0, 1]"
     result = rnca("refine", "--image", image, "--mask", mask, "--out", out, "--model", model, "--steps", 2, *extra)

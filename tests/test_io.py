@@ -210,6 +210,39 @@ def test_unreadable_files_name_the_file(tmp_path, name, content, message):
     assert str(path) in str(info.value)
 
 
+def test_atomic_write_os_error_names_the_target_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", full_disk)
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("new")
+    assert str(target) in str(info.value)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_write_where_no_file_can_be_made(tmp_path, monkeypatch):
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refused)
+    with pytest.raises(OutputError, match=r"out\.png: cannot write in .*Permission denied"):
+        with io.atomic_path(tmp_path / "out.png"):
+            pass
+
+
+def test_make_folder_with_a_file_in_the_way(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(OutputError, match="cannot create the folder") as info:
+        io.make_folder(tmp_path / "taken" / "sub")
+    assert str(tmp_path / "taken" / "sub") in str(info.value)
+    assert io.make_folder(tmp_path / "a" / "b").is_dir()
+
+
 def test_atomic_write_gives_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
