@@ -96,12 +96,12 @@ class Evaluation:
 
 def pair_files(pred: Path, gt: Path) -> tuple[list[Pair], list[Path], list[Path]]:
     """File + file: one pair. Folder + folder: pairs by case id, plus unmatched of each side."""
+    for path in (pred, gt):  # checked first: a missing path is neither a file nor a folder
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
     if pred.is_dir() != gt.is_dir():
         raise InputError(f"{pred if gt.is_dir() else gt}: --pred and --gt must both be files or both folders")
     if not pred.is_dir():
-        for path in (pred, gt):
-            if not path.exists():
-                raise InputError(f"{path}: no such file")
         return [Pair(io.case_id(gt), pred, gt)], [], []
     preds = {io.case_id(p): p for p in io.list_files(pred)}
     gts = {io.case_id(g): g for g in io.list_files(gt)}

@@ -52,6 +52,20 @@ def test_evaluate_folder_rows_summary_and_unmatched(folders):
     assert result.status_counts == {"ok": 4}
 
 
+@pytest.mark.parametrize(
+    "pred, gt, message",
+    [
+        ("pred", "nope", "nope: no such file or folder"),  # a missing folder is named as missing
+        ("nope.png", "gt/c0.png", "nope.png: no such file or folder"),
+        ("pred", "gt/c0.png", "c0.png: --pred and --gt must both be files or both folders"),
+    ],
+)
+def test_pairing_errors_name_the_path(folders, pred, gt, message):
+    root = folders[0].parent
+    with pytest.raises(InputError, match=message):
+        ev.pair_files(root / pred, root / gt)
+
+
 def test_parallel_and_serial_agree(folders):
     pred, gt, _ = folders
     pairs = ev.pair_files(pred, gt)[0]
