@@ -7,8 +7,9 @@ values that fail validation) are caught here, printed on one line to stderr, and
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -53,12 +54,24 @@ def main(
     keep_freed_memory()  # process-wide, so set here and not by the library: 25-30 % off large images
 
 
-def _progress(quiet: bool) -> Progress:
-    return Progress(
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Progress]:
+    """A progress bar on stderr. It stays after a command that succeeds; a command that fails
+    removes it, so that its error is the one line left (the error names the file)."""
+    bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err, disable=quiet, transient=False,
     )
+    bar.start()
+    try:
+        yield bar
+    except BaseException:
+        if not bar.disable:  # Progress.stop would add a blank line on a non-terminal stderr
+            bar.live.transient = True
+            bar.live.stop()
+        raise
+    bar.stop()
 
 
 def _report_unmatched(items: list[tuple[str, Path]], limit: int = 10) -> None:

@@ -396,7 +396,7 @@ def list_files(folder: str | os.PathLike) -> list[Path]:
     """Supported files in a folder (not recursive, hidden files skipped), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder")
+        raise InputError(f"{folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}")
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and suffix_of(p) in SUPPORTED_SUFFIXES

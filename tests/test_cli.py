@@ -121,6 +121,23 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["perturb", "--labels", "{tmp}/nope", "--out", "{tmp}/o"], "{tmp}/nope: no such folder"),
+        (["perturb", "--labels", "{tmp}/file.png", "--out", "{tmp}/o"], "{tmp}/file.png: a file, not a folder"),
+        (["synth", "--kind", "foo", "--n", "2", "--out", "{tmp}/o"], "unknown kind 'foo'; valid: vessels, rings, blobs"),
+        (["evaluate", "--pred", "{tmp}/nope", "--gt", "{tmp}"], "{tmp}/nope: no such file or folder"),
+    ],
+)
+def test_commands_with_a_progress_bar_fail_with_only_the_error_line(tmp_path, args, message):
+    """The progress bar a command started is removed when it fails: the error is all that is printed."""
+    (tmp_path / "file.png").write_bytes(b"")
+    result = rnca(*[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1
+    assert result.output == f"error: {message.format(tmp=tmp_path)}\n"
+
+
 def test_train_then_refine_with_the_checkpoint(tmp_path):
     images, labels, states = make_folders(tmp_path, n=6)
     run = tmp_path / "run"
