@@ -111,7 +111,10 @@ def train(
     batch: Annotated[int, typer.Option(help="Samples per iteration (paper: 32).")] = 32,
     replace: Annotated[int, typer.Option(help="Batch samples restarted from fresh coarse masks (paper: 2).")] = 2,
     steps: Annotated[int, typer.Option(help="Maximum unrolled steps T (paper: 64).")] = 64,
-    min_step: Annotated[int, typer.Option(help="Loss step t* is drawn from [min-step, steps] (paper: 32).")] = 32,
+    min_step: Annotated[
+        Optional[int],
+        typer.Option(help="Loss step t* is drawn from [min-step, steps]; default: half of --steps (paper: 32 of 64)."),
+    ] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-4).")] = 1e-4,
     clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
     patch: Annotated[int, typer.Option(help="Training patch size; larger inputs are cut with sliding windows.")] = 64,

@@ -45,7 +45,7 @@ class TrainConfig:
     batch: int = 32
     replace: int = 2
     steps: int = 64
-    min_step: int = 32
+    min_step: int | None = None  # None: half of steps, rounded up (the paper's 32 of 64)
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -60,12 +60,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.min_step is None:
+            object.__setattr__(self, "min_step", max(1, (self.steps + 1) // 2))
         checks = [
             (self.iterations >= 1, "iterations must be >= 1"),
             (self.batch >= 1, "batch must be >= 1"),
             (self.pool >= self.batch, f"pool ({self.pool}) must be >= batch ({self.batch})"),
             (0 <= self.replace <= self.batch, "replace must be in 0..batch"),
-            (1 <= self.min_step <= self.steps, "min-step must be in 1..steps"),
+            (1 <= self.min_step <= self.steps, f"min-step ({self.min_step}) must be in 1..steps ({self.steps})"),
             (self.lr > 0, "lr must be > 0"),
             (self.clip > 0, "clip must be > 0"),
             (self.patch >= 8, "patch must be >= 8"),

@@ -128,6 +128,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert (tmp_path / "run" / "model.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("steps, min_step", [(64, 32), (4, 2), (5, 3), (1, 1)])
+def test_min_step_defaults_to_half_of_steps(steps, min_step):
+    assert tr.TrainConfig(steps=steps).min_step == min_step
+    assert tr.TrainConfig(steps=steps, min_step=1).min_step == 1  # an explicit value is kept
+
+
 @pytest.mark.parametrize("bad", [dict(pool=4, batch=8), dict(replace=9, batch=8), dict(min_step=70), dict(overlap=1.0)])
 def test_invalid_train_config_is_refused(bad):
     with pytest.raises(ValueError):
