@@ -1,16 +1,23 @@
 """Where and how computation runs: the ``--device`` choice (``auto``, ``cpu``, ``cuda`` or
 ``cuda:N``), float32 convolutions on GPUs (:func:`float32_convolutions`) and the process's memory
-allocator settings (:func:`keep_freed_memory`)."""
+allocator settings (:func:`keep_freed_memory`).
+
+PyTorch is imported by the functions that use it, not with this module: the ``rnca`` command sets
+the allocator at start for every command, and ``evaluate``, ``perturb`` and ``synth`` never load
+PyTorch (about 2 s of a 2-core machine's start-up).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -18,6 +25,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     ``auto`` takes the first CUDA GPU when one is available, else the CPU.
     """
+    import torch
+
     spec = spec.strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,6 +48,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     """A seeded generator living on ``device`` (CUDA kernels need a CUDA generator)."""
+    import torch
+
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -57,6 +68,8 @@ def float32_convolutions(device: torch.device):
     if device.type != "cuda":
         yield
         return
+    import torch
+
     cudnn = torch.backends.cudnn
     conv = getattr(cudnn, "conv", None)  # PyTorch >= 2.9: per-operation precision settings
     owner, name, full = (conv, "fp32_precision", "ieee") if conv is not None else (cudnn, "allow_tf32", False)
