@@ -13,7 +13,9 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -55,11 +57,12 @@ def main(
 
 
 @contextmanager
-def _progress(quiet: bool) -> Iterator[Progress]:
-    """A progress bar on stderr. It stays after a command that succeeds; a command that fails
-    removes it, so that its error is the one line left (the error names the file)."""
+def _progress(quiet: bool, counts: bool = True) -> Iterator[Progress]:
+    """A progress bar on stderr, showing done/total (``counts``) or a percentage. It stays after a
+    command that succeeds; a command that fails removes it, so that its error is the one line left
+    (the error names the file)."""
     bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn() if counts else TaskProgressColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err, disable=quiet, transient=False,
     )
@@ -226,9 +229,19 @@ def refine(
         torch_device = resolve_device(device)
         net = load_model(model, torch_device)
         start = time.perf_counter()
-        with _progress(quiet or len(jobs) == 1) as bar:
-            task = bar.add_task("refining", total=len(jobs), info="")
-            results = run_jobs(net, jobs, options, lambda r: bar.update(task, advance=1, info=r.case_id))
+        # The bar counts pixels, so that one large image or volume shows progress too (tile by
+        # tile, pass by pass); it is left out for a single case that is one forward pass.
+        pixels = sum(job.pixels for job in jobs)
+        single_pass = len(jobs) == 1 and pixels <= options.tile**2
+        with _progress(quiet or single_pass, counts=False) as bar:
+            task = bar.add_task("refining", total=pixels, info="")
+            done = []
+
+            def case_done(result) -> None:
+                done.append(result)
+                bar.update(task, info=f"{len(done)}/{len(jobs)} {result.case_id}")
+
+            results = run_jobs(net, jobs, options, case_done, lambda n: bar.update(task, advance=n))
     except RncaError as exc:
         fail(str(exc))
     if not quiet:

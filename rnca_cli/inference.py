@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -448,11 +449,12 @@ def tiles(size: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
 @torch.no_grad()
 def refine_image(
     model: RNCA, image: np.ndarray, mask: np.ndarray, steps: int, seed: int, tile: int = DEFAULT_TILE,
-    sparse: bool = True, precision: str = "fp32",
+    sparse: bool = True, precision: str = "fp32", progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Refine one 2D case (image (H, W, C), mask (H, W)) tile by tile; returns (H, W) float32.
 
-    The result equals the untiled rollout (module docstring); ``tile`` bounds memory.
+    The result equals the untiled rollout (module docstring); ``tile`` bounds memory. ``progress``,
+    if given, is called after each tile with the number of its pixels now refined (its core).
     """
     device = next(model.parameters()).device
     h, w = mask.shape
@@ -466,4 +468,6 @@ def refine_image(
             prob = rollout(model, img.permute(2, 0, 1)[None], msk[None], steps, seeds, (ya, xa), sparse,
                            precision=precision)[0]
             out[y0:y1, x0:x1] = prob[y0 - ya : y1 - ya, x0 - xa : x1 - xa].float().cpu().numpy()
+            if progress is not None:
+                progress((y1 - y0) * (x1 - x0))
     return out

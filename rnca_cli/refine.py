@@ -20,6 +20,7 @@ Decisions a user can rely on (also in the README):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +34,8 @@ from .inference import BLOCK, DEFAULT_TILE, PRECISIONS, refine_image
 from .model import RNCA
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Told how many more pixels (voxels) are refined, for progress bars; None: nobody is told.
+OnPixels = Callable[[int], None] | None
 
 
 def match_channels(image: np.ndarray, channels: int, path: Path | str = "image") -> np.ndarray:
@@ -54,7 +57,7 @@ def _model_device(model: RNCA) -> torch.device:
 @torch.no_grad()
 def refine_batch(
     model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int, seeds: Sequence[int], tile: int = DEFAULT_TILE,
-    precision: str = "fp32",
+    precision: str = "fp32", progress: OnPixels = None,
 ) -> np.ndarray:
     """Refine a batch of equal-size 2D cases.
 
@@ -62,12 +65,15 @@ def refine_batch(
     seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
     through the model together, at most ``tile**2`` pixels per pass; larger ones are refined tile by
     tile. The result does not depend on either (bounded memory, same masks). ``precision``: see
-    :func:`rnca_cli.inference.rollout`.
+    :func:`rnca_cli.inference.rollout`. ``progress``: called with the number of pixels refined
+    after each forward pass (each tile of a large case).
     """
     b, h, w = masks.shape
     if max(h, w) > tile:
-        return np.stack([refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile, precision=precision)
-                         for i in range(b)])
+        return np.stack([
+            refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile, precision=precision, progress=progress)
+            for i in range(b)
+        ])
     # At most one tile's worth of pixels per forward pass, whatever the batch size asked for.
     per_pass = max(1, (tile * tile) // (h * w))
     device = _model_device(model)
@@ -79,6 +85,8 @@ def refine_batch(
         seed_tensor = torch.tensor([int(x) for x in seeds[rows]], dtype=torch.int64, device=device)
         prob = inference.rollout(model, image, mask, steps, seed_tensor, precision=precision)
         out[rows] = prob.float().cpu().numpy()
+        if progress is not None:
+            progress(prob.numel())
     return out
 
 
@@ -92,6 +100,7 @@ def refine_array(
     batch: int = 32,
     tile: int = DEFAULT_TILE,
     precision: str = "fp32",
+    progress: OnPixels = None,
 ) -> np.ndarray:
     """Refine one mask; returns the refined probability map (threshold it with ``>= 0.5``).
 
@@ -107,6 +116,8 @@ def refine_array(
             halo, bounding memory; the result is the same.
         precision: number format of the per-pixel MLP, ``fp32``, ``bf16`` or ``fp16`` (the state
             stays float32). Half precision is for GPUs: on CPUs without native support it is slower.
+        progress: called with a number of pixels (voxels) each time that many are refined; they
+            add up to ``mask.size``. For progress bars on large images and volumes.
     """
     mask = np.asarray(mask, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -118,7 +129,7 @@ def refine_array(
         raise InputError("mask values must lie in [0, 1]")
     image = match_channels(image, model.config.image_channels)
     if mask.ndim == 2:
-        return refine_batch(model, image[None], mask[None], steps, [seed], tile, precision)[0]
+        return refine_batch(model, image[None], mask[None], steps, [seed], tile, precision, progress)[0]
     # 3D: slices along `axis` become a batch of 2D cases.
     img_slices = np.moveaxis(image, axis, 0)  # (S, A, B, C)
     mask_slices = np.moveaxis(mask, axis, 0)  # (S, A, B)
@@ -126,7 +137,7 @@ def refine_array(
     for start in range(0, len(mask_slices), batch):
         rows = slice(start, start + batch)
         seeds = [seed + k for k in range(start, min(start + batch, len(mask_slices)))]
-        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile, precision)
+        out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile, precision, progress)
     return np.moveaxis(out, 0, axis)
 
 
@@ -170,6 +181,12 @@ class Job:
     mask: Path
     out: Path
     prob_out: Path | None
+    shape: tuple[int, ...]  # the mask's spatial shape, from its header
+
+    @property
+    def pixels(self) -> int:
+        """Pixels (voxels) to refine: the unit of :func:`run_jobs`' progress."""
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -190,7 +207,7 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
         out = out / f"{cid}{io.output_suffix(mask)}"
     _check_output_suffix(out, mask)
     prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
-    jobs = [Job(cid, [image], mask, out, prob)]
+    jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask))]
     _check_outputs(jobs, options.overwrite)
     return jobs
 
@@ -208,7 +225,7 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
     for case in pairing.cases:
         name = case.case_id + io.output_suffix(case.mask)
         prob = out_dir / "prob" / name if options.save_prob else None
-        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob))
+        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask)))
     _check_outputs(jobs, options.overwrite)
     return jobs, pairing
 
@@ -225,7 +242,7 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
     existing outputs without overwrite, outputs that are inputs."""
     inputs = {p.resolve() for job in jobs for p in (*job.images, job.mask)}
     for job in jobs:
-        mask_shape = io.peek_shape(job.mask)
+        mask_shape = job.shape
         for image in job.images:
             if io.is_nifti(image) != io.is_nifti(job.mask):
                 raise InputError(f"{job.mask}: mask and image {image} must both be 2D images or both NIfTI")
@@ -268,9 +285,13 @@ def _write(job: Job, mask: io.Loaded, prob: np.ndarray, options: RefineOptions) 
 
 
 def run_jobs(
-    model: RNCA, jobs: list[Job], options: RefineOptions, on_case: Callable[[CaseResult], None] | None = None
+    model: RNCA, jobs: list[Job], options: RefineOptions, on_case: Callable[[CaseResult], None] | None = None,
+    progress: OnPixels = None,
 ) -> list[CaseResult]:
-    """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass."""
+    """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass.
+
+    ``on_case`` gets each case's result once it is written; ``progress`` gets numbers of pixels as
+    they are refined (after each forward pass or tile), adding up to the jobs' ``pixels``."""
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
 
@@ -285,7 +306,7 @@ def run_jobs(
         images = np.stack([img for _, _, img in pending])
         masks = np.stack([m.data for _, m, _ in pending])
         probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile,
-                             options.precision)
+                             options.precision, progress)
         for (job, mask, _), prob in zip(pending, probs):
             finish(job, mask, prob)
         pending.clear()
@@ -296,7 +317,7 @@ def run_jobs(
             flush()
             finish(job, mask, refine_array(
                 model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile,
-                options.precision,
+                options.precision, progress,
             ))
             continue
         if pending and pending[0][1].data.shape != mask.data.shape:

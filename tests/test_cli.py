@@ -43,6 +43,18 @@ def test_refine_one_png(tmp_path, png_folders, model_file):
     assert "refined 1 case" in result.output
 
 
+def test_refine_shows_progress_for_one_large_case_only(tmp_path, png_folders, model_file):
+    """A case refined in several passes (here 2 x 2 tiles) gets a progress bar; a case refined in one does not."""
+    images, masks = png_folders
+    args = ["refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--model", model_file,
+            "--steps", 2]
+    tiled = rnca(*args, "--out", tmp_path / "tiled.png", "--tile", 16)
+    assert tiled.exit_code == 0, tiled.output
+    assert "refining" in tiled.output and "100%" in tiled.output and "1/1 case0" in tiled.output
+    whole = rnca(*args, "--out", tmp_path / "whole.png")
+    assert whole.exit_code == 0 and "refining" not in whole.output and "refined 1 case" in whole.output
+
+
 def test_refine_default_output_goes_beside_the_mask(png_folders, model_file):
     images, masks = png_folders
     result = rnca("refine", "--image", images / "case0.png", "--mask", masks / "case0.png", "--model", model_file,

@@ -121,3 +121,29 @@ def test_large_batches_are_split_without_changing_results(model):
     whole = rf.refine_batch(model, images, masks, 4, [1, 2, 3, 4, 5], tile=1000)
     split = rf.refine_batch(model, images, masks, 4, [1, 2, 3, 4, 5], tile=50)  # 2500 px: 4 cases a pass
     np.testing.assert_allclose(whole, split, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, tile, batch, calls",
+    [
+        ((40, 40), 16, 32, 9),  # one image in 3 x 3 tiles: one call per tile
+        ((10, 12), 768, 32, 1),  # one forward pass
+        ((10, 12, 5), 768, 2, 3),  # a volume: slices 2 + 2 + 1 per pass
+        ((40, 40, 2), 16, 2, 18),  # large slices: each of the two tiled 3 x 3
+    ],
+)
+def test_progress_adds_up_to_the_pixels(model, shape, tile, batch, calls):
+    told = []
+    image, mask = np.random.rand(*shape), (np.random.rand(*shape) > 0.5).astype(np.float32)
+    out = rf.refine_array(model, image, mask, steps=2, seed=3, batch=batch, tile=tile, progress=told.append)
+    assert len(told) == calls and sum(told) == mask.size
+    np.testing.assert_array_equal(out, rf.refine_array(model, image, mask, steps=2, seed=3, batch=batch, tile=tile))
+
+
+def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
+    images, masks = png_folders
+    jobs, _ = rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions(steps=2))
+    told, cases = [], []
+    rf.run_jobs(model, jobs, rf.RefineOptions(steps=2), cases.append, told.append)
+    assert sum(told) == sum(job.pixels for job in jobs) == sum(read_mask(job.mask).data.size for job in jobs)
+    assert [c.case_id for c in cases] == [job.case_id for job in jobs]
