@@ -119,6 +119,11 @@ def _read_binary(path: Path, options: EvalOptions, ground_truth: bool) -> io.Loa
     return loaded
 
 
+def _mm(spacing: Sequence[float]) -> str:
+    """Voxel spacing as the header means it: float32 0.8 as 0.8, not 0.800000011920929."""
+    return "(" + ", ".join(f"{float(v):.6g}" for v in spacing) + ")"
+
+
 def evaluate_pair(pair: Pair, options: EvalOptions) -> dict:
     """Metrics row of one case. Raises InputError on shape or spacing mismatch."""
     pred = _read_binary(pair.pred, options, ground_truth=False)
@@ -126,7 +131,9 @@ def evaluate_pair(pair: Pair, options: EvalOptions) -> dict:
     if pred.data.shape != gt.data.shape:
         raise InputError(f"{pair.pred}: shape {pred.data.shape} differs from ground truth {pair.gt} {gt.data.shape}")
     if not np.allclose(pred.spacing, gt.spacing, rtol=1e-4, atol=0):
-        raise InputError(f"{pair.pred}: spacing {pred.spacing} differs from ground truth {pair.gt} {gt.spacing}")
+        raise InputError(
+            f"{pair.pred}: spacing {_mm(pred.spacing)} differs from ground truth {pair.gt} {_mm(gt.spacing)}"
+        )
     row = case_metrics(pred.data, gt.data, gt.spacing, options.metrics)
     if gt.data.ndim == 2:
         row.pop("betti2_err", None)

@@ -104,8 +104,8 @@ def test_nifti_spacing_is_used_and_mismatches_are_refused(tmp_path):
     write_nifti(tmp_path / "pred.nii.gz", pred, zooms=(1.0, 1.0, 3.0))
     row = ev.evaluate_pair(ev.Pair("x", tmp_path / "pred.nii.gz", tmp_path / "gt.nii.gz"), ev.EvalOptions())
     assert row["hd"] == pytest.approx(3.0) and row["betti2_err"] == 0
-    write_nifti(tmp_path / "other.nii.gz", pred, zooms=(1.0, 1.0, 2.0))
-    with pytest.raises(InputError, match=r"other.nii.gz: spacing .* differs from ground truth"):
+    write_nifti(tmp_path / "other.nii.gz", pred, zooms=(0.8, 0.8, 2.0))  # float32 in the header
+    with pytest.raises(InputError, match=r"other.nii.gz: spacing \(0.8, 0.8, 2\) differs from ground truth .* \(1, 1, 3\)"):
         ev.evaluate_pair(ev.Pair("x", tmp_path / "other.nii.gz", tmp_path / "gt.nii.gz"), ev.EvalOptions())
 
 
