@@ -283,11 +283,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes private (0600) files; give the result the permissions a plain open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
-    except OSError as exc:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"{target}: cannot write ({_os_reason(exc)})") from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{target}: cannot write ({_os_reason(exc)})") from None
         raise
 
 
