@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnca_cli import RncaError, inference, load_model, synth, train
+from rnca_cli import RncaError, fused, inference, load_model, synth, train
 from rnca_cli.device import keep_freed_memory, resolve_device
 from rnca_cli.model import RNCA, FireNoise, visible
 
@@ -104,6 +104,20 @@ def train_iteration(model: RNCA, naive: Straightforward, image, mask, seeds, ste
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def without_kernels(fn, *args):
+    """``fn(*args)`` with rnca's compiled kernels switched off (``RNCA_FUSED=0``): rnca in PyTorch
+    alone, as it runs where no C compiler was at install time."""
+    before = os.environ.get("RNCA_FUSED")
+    os.environ["RNCA_FUSED"] = "0"
+    try:
+        return fn(*args)
+    finally:
+        if before is None:
+            del os.environ["RNCA_FUSED"]
+        else:
+            os.environ["RNCA_FUSED"] = before
 
 
 def best_of(fn, repeat: int) -> float:
@@ -363,6 +377,7 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
         with torch.no_grad():
             inference_passes.append(side_by_side({
                 "fast": lambda: inference.rollout(model, image, mask, steps, seeds),
+                "pytorch": lambda: inference.rollout(model, image, mask, steps, seeds, fused=False),
                 "slow": lambda: naive.rollout(image, mask, steps, seeds)}, pass_rounds))
 
     # 4. cost follows the work (timed in passes, like row 1): 512x512 images with 16, 4 and 1 rings;
@@ -422,9 +437,12 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
     model.train()
     target = (mask > 0.5).float()
     t = side_by_side({"fast": lambda: train_iteration(model, naive, image, mask, seeds, steps, True),
+                      "pytorch": lambda: without_kernels(train_iteration, model, naive, image, mask, seeds, steps, True),
                       "slow": lambda: train_iteration(model, naive, image, mask, seeds, steps, False)}, repeat)
     t_fast, t_slow = t["fast"], t["slow"]
-    rows[f"training s / iteration, all samples {steps} steps (batch 16)"] = {"rnca": t_fast, "straightforward": t_slow}
+    rows[f"training s / iteration, all samples {steps} steps (batch 16)"] = {
+        "rnca": t_fast, "straightforward": t_slow, "rnca in PyTorch alone": t["pytorch"],
+        "speed-up in PyTorch alone": t_slow / t["pytorch"]}
 
     # 2b. the iteration rnca train runs: loss at t* ~ U[steps/2, steps] per sample (DESIGN §4). rnca:
     #     rnca_cli.train.unroll, which drops a sample once its t* has passed; straightforward: every
@@ -503,10 +521,11 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
     if passes > 2:  # last pass of the inference and cost rows
         inference_pass()
         cost_pass()
-    t_fast, t_slow = (min(p[name] for p in inference_passes) for name in ("fast", "slow"))
+    t_fast, t_torch, t_slow = (min(p[name] for p in inference_passes) for name in ("fast", "pytorch", "slow"))
     rows[inference_row].update({
         "rnca": t_fast / per, "straightforward": t_slow / per, "max |diff| after all steps": max_diff,
-        "speed-up per pass": [p["slow"] / p["fast"] for p in inference_passes]})
+        "speed-up per pass": [p["slow"] / p["fast"] for p in inference_passes],
+        "rnca in PyTorch alone": t_torch / per, "speed-up in PyTorch alone": t_slow / t_torch})
     fresh = default_malloc_inference(threads, model_name, steps, pass_rounds)
     rows["inference in a fresh process, glibc malloc defaults, ms / image / step"] = {
         **fresh, "speed-up": fresh["straightforward"] / fresh["rnca"]}
@@ -547,7 +566,8 @@ def main() -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch threads": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "cuda": torch.cuda.is_available(),
-               "malloc keeps freed memory (no page faults in timings)": no_faults}
+               "malloc keeps freed memory (no page faults in timings)": no_faults,
+               "fused kernels": fused.status()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(machine))

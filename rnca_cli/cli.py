@@ -40,7 +40,10 @@ def fail(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
+        from .fused import status  # loads PyTorch: only here, not for every command
+
         stdout.print(f"rnca {__version__}")
+        stdout.print(f"fused CPU kernels: {status()}", highlight=False)
         raise typer.Exit()
 
 

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fused as fused_kernels
 from .device import float32_convolutions
 from .model import RNCA, FireNoise, flat_nonzero, gather_rows, max3x3, needed, row_chunks, visible
 
@@ -71,6 +72,7 @@ def halo(steps: int) -> int:
 def rollout(
     model: RNCA, image: torch.Tensor, mask: torch.Tensor, steps: int, seeds: torch.Tensor,
     origin: tuple[int, int] = (0, 0), sparse: bool = True, stats: dict | None = None, precision: str = "fp32",
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Refined probability (B, H, W) for image (B, C, H, W) and mask (B, H, W), as
     ``visible(model.rollout(...))`` with the same seeds, computed without autograd.
@@ -86,7 +88,9 @@ def rollout(
     time (``step_seconds``; CPU: the steps run synchronously). ``precision`` (a key of
     :data:`PRECISIONS`) is the number format of the per-pixel MLP, where nearly all arithmetic
     happens; the state, its perception and the alive tests stay float32 whatever it is, so rounding
-    does not accumulate in the state over the steps.
+    does not accumulate in the state over the steps. ``fused``: run the step's per-cell work in the
+    compiled kernels of :mod:`rnca_cli.fused` (None: where they can run: built, a CPU, float32;
+    True: insist; False: PyTorch alone). Both give the same result to float rounding.
     """
     cfg = model.config
     b, _, h, w = image.shape
@@ -105,7 +109,13 @@ def rollout(
         dtype=PRECISIONS[precision],
         counting=stats is not None,
     )
-    reach = run.reach_all(run.held[:, RING:-RING, RING:-RING])  # blocks the next step can change
+    usable = fused_kernels.usable(model, image.device, PRECISIONS[precision])
+    if fused and not usable:
+        raise ValueError(f"the fused kernels cannot run this rollout: {fused_kernels.status()}, "
+                         f"device {image.device.type}, precision {precision}")
+    fast = fused_kernels.FusedRun(model, run.buf, run.patches, run.keys, run.inside) if usable and fused is not False else None
+    # blocks the next step can change
+    reach = fast.initial_reach() if fast else run.reach_all(run.held[:, RING:-RING, RING:-RING])
     counts = {"dense_steps": 0, "sparse_steps": 0, "block_share": 0.0, "alive_share": 0.0, "update_share": 0.0}
     seconds = []
 
@@ -115,7 +125,12 @@ def rollout(
             blocks = flat_nonzero(reach)  # (nc,) block ids, (b, by, bx) order
             if len(blocks) == 0:
                 break  # nothing left alive: every later step keeps the all-zero state
-            if use_sparse and len(blocks) < SPARSE_BELOW * reach.numel():
+            if fast is not None:  # the fused step runs on the given blocks, whichever they are
+                blocks = blocks if use_sparse else run.all_blocks
+                is_sparse = len(blocks) < SPARSE_BELOW * reach.numel()
+                reach, alive, updated = fast.step(t, blocks)
+                counts["sparse_steps" if is_sparse else "dense_steps"] += 1
+            elif use_sparse and len(blocks) < SPARSE_BELOW * reach.numel():
                 reach, alive, updated = run.sparse_step(t, blocks)
                 counts["sparse_steps"] += 1
             else:

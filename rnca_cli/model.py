@@ -241,7 +241,13 @@ class RNCA(nn.Module):
             if fire is not None:
                 todo &= fire[:, 0]
         rows = flat_nonzero(todo.reshape(-1))  # (M,) pixel rows, (b, y, x) order
-        delta = row_updates(rows, self.mlp_weights(), patches, self.perceive(state))  # (M, K)
+        from . import fused  # the compiled kernels; imports this module
+
+        if fused.trainable(state, self):  # the rows' perception in one compiled kernel (rnca_cli.fused)
+            features = fused.perceive_rows(state, self.state_filters, rows)  # (M, F*K)
+            delta = row_updates(rows, self.mlp_weights(), patches, [features], gathered=True)
+        else:
+            delta = row_updates(rows, self.mlp_weights(), patches, self.perceive(state))  # (M, K)
         flat = state.permute(0, 2, 3, 1).reshape(-1, k)  # (B*H*W, K)
         state = flat.index_add(0, rows, delta).view(b, h, w, k).permute(0, 3, 1, 2)  # tentative
         keep = pre.unsqueeze(1) & self.alive(state[:, :1])  # (B, 1, H, W)
@@ -322,12 +328,14 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -
 
 
 def row_updates(
-    rows: torch.Tensor, weights: Sequence[torch.Tensor], patches: torch.Tensor, maps: Sequence[torch.Tensor]
+    rows: torch.Tensor, weights: Sequence[torch.Tensor], patches: torch.Tensor, maps: Sequence[torch.Tensor],
+    gathered: bool = False,
 ) -> torch.Tensor:
     """MLP updates (M, K) of pixel ``rows`` (M,), distinct, whose input rows are those of the
     perception ``maps`` (F tensors (N, K)) and of ``patches`` (N, 9C + 1) side by side; ``weights``
-    from :meth:`RNCA.mlp_weights`. Differentiable (:class:`_RowUpdates`)."""
-    return _RowUpdates.apply(rows, *weights, patches, *maps)
+    from :meth:`RNCA.mlp_weights`. ``gathered``: ``maps`` holds the rows' features already, one
+    (M, F*K) tensor (:func:`rnca_cli.fused.perceive_rows`). Differentiable (:class:`_RowUpdates`)."""
+    return _RowUpdates.apply(rows, gathered, *weights, patches, *maps)
 
 
 class _RowUpdates(torch.autograd.Function):
@@ -348,19 +356,24 @@ class _RowUpdates(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, w1, w2, b2, patches, *maps):
-        if ctx.needs_input_grad[4]:
+    def forward(ctx, rows, gathered, w1, w2, b2, patches, *maps):
+        if ctx.needs_input_grad[5]:
             raise ValueError("row_updates: image patches are data, no gradient flows to them")
-        x = gather_rows(rows, [*maps, patches])  # (M, F*K + 9C + 1)
+        if gathered:  # maps: the rows' features, (M, F*K)
+            x = maps[0].new_empty(len(rows), maps[0].shape[1] + patches.shape[1])
+            x[:, : maps[0].shape[1]] = maps[0]
+            torch.index_select(patches, 0, rows, out=x[:, maps[0].shape[1] :])
+        else:
+            x = gather_rows(rows, [*maps, patches])  # (M, F*K + 9C + 1)
         ctx.save_for_backward(rows, x, w1, w2)
-        ctx.map_shapes = [m.shape for m in maps]
+        ctx.map_shapes, ctx.gathered = [m.shape for m in maps], gathered
         return mlp(x, w1, w2, b2)
 
     @staticmethod
     def backward(ctx, grad):  # grad (M, K)
         rows, x, w1, w2 = ctx.saved_tensors
         grad = grad.contiguous()
-        want_maps = any(ctx.needs_input_grad[5:])
+        want_maps = any(ctx.needs_input_grad[6:])
         n_feat = sum(shape[1] for shape in ctx.map_shapes)  # the perception columns of x
         w1_feat = w1[:, :n_feat].contiguous()  # (Hd, F*K)
         g_feat = x.new_empty(x.shape[0], n_feat) if want_maps else None  # (M, F*K)
@@ -372,14 +385,16 @@ class _RowUpdates(torch.autograd.Function):
             gw1t.addmm_(x[chunk].t(), g_hidden)
             if g_feat is not None:
                 torch.mm(g_hidden, w1_feat, out=g_feat[chunk])
+        if ctx.gathered:
+            return None, None, gw1t.t(), gw2, grad.sum(0), None, g_feat
         map_grads, col = [], 0
-        for shape, needed in zip(ctx.map_shapes, ctx.needs_input_grad[5:]):
+        for shape, needed in zip(ctx.map_shapes, ctx.needs_input_grad[6:]):
             if needed:
                 map_grads.append(g_feat.new_zeros(shape).index_copy_(0, rows, g_feat[:, col : col + shape[1]]))
             else:
                 map_grads.append(None)
             col += shape[1]
-        return None, gw1t.t(), gw2, grad.sum(0), None, *map_grads
+        return None, None, gw1t.t(), gw2, grad.sum(0), None, *map_grads
 
 
 def gather_rows(rows: torch.Tensor, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:

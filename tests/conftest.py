@@ -10,12 +10,24 @@ import pytest
 import torch
 from PIL import Image
 
+from rnca_cli import fused
 from rnca_cli.checkpoint import save_checkpoint
 from rnca_cli.model import RNCA, ModelConfig
 
 SHARED_RINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "rings-train"
 # CUDA tests compare the GPU with the CPU; they run wherever PyTorch sees a CUDA device.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["pytorch", "fused"])
+def engine(request, monkeypatch) -> str:
+    """Runs a test once with CPU inference in PyTorch alone and once with the fused kernels
+    (rnca_cli.fused), through the ``RNCA_FUSED`` switch every entry point obeys.
+    test_fused.py checks that the kernels are built wherever a C compiler is."""
+    if request.param == "fused" and fused._fused is None:
+        pytest.skip(f"fused kernels: {fused.status()}")
+    monkeypatch.setenv("RNCA_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
 
 
 def ring(size: int = 32, radius: float = 9.0, width: float = 2.5, gap: bool = False) -> np.ndarray:

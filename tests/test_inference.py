@@ -35,7 +35,7 @@ def reference(model, image, mask, steps, seed):
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (40, 37), (17, 50)])
-def test_dense_and_sparse_equal_the_reference(shape):
+def test_dense_and_sparse_equal_the_reference(shape, engine):
     model = pruning_model()
     rng = np.random.default_rng(1)
     image = rng.random((*shape, 1)).astype(np.float32)
@@ -47,7 +47,7 @@ def test_dense_and_sparse_equal_the_reference(shape):
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_sparse_steps_run_and_agree_when_little_is_alive():
+def test_sparse_steps_run_and_agree_when_little_is_alive(engine):
     model = pruning_model()
     image, mask = small_object()
     img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
@@ -59,7 +59,7 @@ def test_sparse_steps_run_and_agree_when_little_is_alive():
 
 
 @pytest.mark.parametrize("growth, long", [(0.08, 25), (0.3, 12)])
-def test_sparse_steps_follow_growth_across_block_edges_and_image_borders(growth, long):
+def test_sparse_steps_follow_growth_across_block_edges_and_image_borders(growth, long, engine):
     """A model that grows from single cells: activity crosses block edges and corners, reaches the
     image border and its padding to whole blocks; sparse steps must track it exactly. At 0.3 per
     step, cells two pixels out of the alive region turn bright in one update without being alive,
@@ -116,7 +116,7 @@ def test_reach_takes_the_blocks_a_kept_cell_can_change_next(cell, blocks):
 
 
 @pytest.mark.parametrize("tile", [16, 40])
-def test_tiled_equals_untiled(tile):
+def test_tiled_equals_untiled(tile, engine):
     model = pruning_model(1)
     image, mask = small_object(size=70)
     steps = 6
@@ -126,7 +126,7 @@ def test_tiled_equals_untiled(tile):
     np.testing.assert_allclose(tiled, untiled, atol=1e-5)
 
 
-def test_batched_cases_equal_single_cases():
+def test_batched_cases_equal_single_cases(engine):
     model = pruning_model()
     images = np.random.default_rng(0).random((3, 32, 32, 1)).astype(np.float32)
     masks = np.stack([ring(32), ring(32, gap=True), ring(32, 6, 2)]).astype(np.float32)

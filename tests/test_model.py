@@ -104,7 +104,7 @@ def reference_step(model: RNCA, state, image, fire):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_folded_image_patches_equal_concatenating_image_features(grad):
+def test_folded_image_patches_equal_concatenating_image_features(grad, engine):
     model = tiny_model()
     image, mask = inputs()
     state = model.initial_state(mask)
@@ -131,7 +131,7 @@ def test_needed_leaves_out_dead_cells_next_to_decided_alive_cells(centre_fires, 
     assert torch.equal(needed(near(visible_cells), visible_cells, fire), expected)
 
 
-def test_cells_left_out_of_a_step_do_not_change_it():
+def test_cells_left_out_of_a_step_do_not_change_it(engine):
     """Sparse visible cells make many dead cells with alive neighbours; leaving out those that
     ``needed`` rejects gives the paper's step exactly. The updates are made large and varied
     (visible cells can die, dead ones cross the threshold), so that this setting tells a correct
@@ -161,7 +161,7 @@ def test_cells_left_out_of_a_step_do_not_change_it():
     assert skipped > 20  # the pruning was exercised
 
 
-def test_gradients_equal_those_of_the_concatenating_formulation():
+def test_gradients_equal_those_of_the_concatenating_formulation(engine):
     """The gathered, chunk-recomputing step trains exactly like the paper's formulation."""
     model = tiny_model()
     image, mask = inputs()
@@ -234,6 +234,10 @@ def test_row_updates_backward_matches_autograd(monkeypatch):
         return row_updates(rows, args[:3], patches, args[3:])
 
     assert torch.autograd.gradcheck(fn, (*weights, *maps))
+    # the same node on features gathered already (rnca_cli.fused.perceive_rows's output)
+    features = torch.randn(len(rows), f * k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: row_updates(rows, a[:3], patches, a[3:], gathered=True),
+                                    (*weights, features))
     with pytest.raises(ValueError, match="image patches are data"):
         row_updates(rows, weights, patches.requires_grad_(), maps)
 

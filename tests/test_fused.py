@@ -1,0 +1,167 @@
+"""The fused CPU kernels (rnca_cli.fused, _fused.c): built where a C compiler is, equal to the
+reference rule for every model shape they take, and switched off cleanly where they cannot run."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import pytest
+import torch
+
+from rnca_cli import fused, inference
+from rnca_cli.model import RNCA, ModelConfig, visible
+
+requires_kernels = pytest.mark.skipif(fused._fused is None, reason=f"fused kernels: {fused.status()}")
+
+
+def test_kernels_are_built_wherever_a_c_compiler_is():
+    """setup.py builds them optionally; a silent build failure would leave every user (and CI)
+    on the slower path while the fused tests skip, so a compiler without kernels is a failure."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) on this machine")
+    assert fused._fused is not None, fused.status()
+    assert fused.status().startswith("on")
+
+
+def strong_model(channels: int, filters: int, fire_rate: float = 0.5, seed: int = 0) -> RNCA:
+    """Large, varied updates: visible cells die and dead ones cross the alive threshold every
+    step, so the alive tests, ``needed`` and clearing all decide something."""
+    torch.manual_seed(seed)
+    model = RNCA(ModelConfig(channels=channels, filters=filters, hidden=16, fire_rate=fire_rate, visible_floor=0.0))
+    torch.nn.init.normal_(model.fc2.weight, std=0.3)
+    with torch.no_grad():
+        model.fc2.bias[0] = -0.05
+        model.state_filters.add_(0.1 * torch.randn_like(model.state_filters))  # learnt filters, not the fixed ones
+    return model.eval()
+
+
+def case(shape, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 1, *shape, generator=g)
+    mask = (torch.rand(batch, *shape, generator=g) > 0.7).float() * torch.rand(batch, *shape, generator=g)
+    return image, mask
+
+
+def reference(model, image, mask, steps, seeds):
+    with torch.no_grad():
+        return visible(model.rollout(image, mask, steps, seeds=seeds)[0])
+
+
+@requires_kernels
+@pytest.mark.parametrize("channels, filters, fire_rate", [
+    (16, 3, 0.5),  # the paper's model: the 16-channel vector kernel
+    (16, 1, 0.5), (16, 4, 0.5),  # its other filter counts
+    (4, 3, 0.5), (20, 2, 0.5), (5, 4, 0.5),  # the generic kernel
+    (16, 3, 1.0),  # every cell fires: no hash
+    (4, 2, 0.0),  # no cell fires: nothing is updated, cells only die
+])
+@pytest.mark.parametrize("shape", [(48, 64), (37, 21)])  # whole blocks; padding to whole blocks
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_rollout_equals_the_reference(channels, filters, fire_rate, shape, sparse):
+    model = strong_model(channels, filters, fire_rate)
+    image, mask = case(shape)
+    seeds = torch.tensor([3, 11])
+    stats = {}
+    out = inference.rollout(model, image, mask, 12, seeds, sparse=sparse, fused=True, stats=stats)
+    ref = reference(model, image, mask, 12, seeds)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    if fire_rate > 0:
+        assert stats["update_share"] > 0.05  # the MLP ran on many cells
+    assert int((ref > 0.1).sum()) > 0  # and something is left alive to compare
+
+
+@requires_kernels
+def test_fused_and_pytorch_steps_agree_on_the_shipped_model():
+    """The paper-sized model on a batch of rings, 32 steps: both engines within float rounding."""
+    from rnca_cli import load_model
+
+    model = load_model("rings")
+    image, mask = case((64, 64), batch=4, seed=1)
+    seeds = torch.arange(4) * 7919
+    a = inference.rollout(model, image, mask, 32, seeds, fused=True)
+    b = inference.rollout(model, image, mask, 32, seeds, fused=False)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@requires_kernels
+def test_fused_steps_skip_dead_blocks_and_stay_exact():
+    """One small object in a large image: after the first steps only the blocks around it run."""
+    model = strong_model(16, 3)
+    with torch.no_grad():
+        model.fc2.bias[0] = -0.15  # drains where the mask does not hold it
+    image, _ = case((160, 160), batch=1)
+    mask = torch.zeros(1, 160, 160)
+    mask[0, 60:80, 70:95] = 1.0
+    stats = {}
+    out = inference.rollout(model, image, mask, 20, torch.tensor([5]), fused=True, stats=stats)
+    assert stats["sparse_steps"] == 20 and stats["block_share"] < 0.2
+    torch.testing.assert_close(out, reference(model, image, mask, 20, torch.tensor([5])), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting, why", [
+    ({"precision": "bf16"}, "precision bf16"),
+    ({"env": "0"}, "RNCA_FUSED=0"),
+])
+def test_fused_true_refuses_what_the_kernels_cannot_run(setting, why, monkeypatch):
+    model = strong_model(4, 3)
+    image, mask = case((16, 16), batch=1)
+    if "env" in setting:
+        monkeypatch.setenv("RNCA_FUSED", setting["env"])
+    with pytest.raises(ValueError, match=why):
+        inference.rollout(model, image, mask, 2, torch.tensor([0]), fused=True, precision=setting.get("precision", "fp32"))
+    assert not fused.usable(model, torch.device("cpu"), inference.PRECISIONS[setting.get("precision", "fp32")])
+
+
+def test_models_beyond_the_kernels_use_pytorch():
+    too_wide = RNCA(ModelConfig(channels=80, filters=4))  # 320 perception features
+    no_threshold = RNCA(ModelConfig(alive_threshold=0.0))
+    for model in (too_wide, no_threshold):
+        assert not fused.usable(model, torch.device("cpu"), torch.float32)
+
+
+def test_status_says_whether_the_kernels_run(monkeypatch):
+    monkeypatch.setenv("RNCA_FUSED", "0")
+    assert fused.status().startswith("off (RNCA_FUSED=0)")
+    monkeypatch.delenv("RNCA_FUSED")
+    assert fused.status().startswith("on" if fused._fused is not None else "not built")
+
+
+@requires_kernels
+@pytest.mark.parametrize("channels, filters", [(16, 3), (16, 4), (5, 2)])  # vector kernel; generic
+@pytest.mark.parametrize("state_grad", [True, False])
+def test_perceive_rows_and_its_gradient_equal_perceive(channels, filters, state_grad):
+    """Training's perception of the updated cells equals the rows of ``RNCA.perceive`` (zero
+    padding at the image border), and so do the gradients for the state and the filters."""
+    model = RNCA(ModelConfig(channels=channels, filters=filters))
+    with torch.no_grad():
+        model.state_filters.normal_()  # learnt filters differ per channel
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(3, channels, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = torch.randperm(3 * 7 * 9, generator=g)[:80].sort().values  # ascending, border cells included
+    grad = torch.randn(80, filters * channels, generator=g)
+    results = []
+    for use_kernel in (True, False):
+        model.zero_grad()
+        s = state.clone().requires_grad_(state_grad)
+        if use_kernel:
+            out = fused.perceive_rows(s, model.state_filters, rows)
+        else:
+            out = torch.cat(model.perceive(s), 1)[rows]
+        (out * grad).sum().backward()
+        results.append((out.detach(), s.grad, model.state_filters.grad.clone()))
+    (out, g_state, g_filters), (ref, ref_state, ref_filters) = results
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_filters, ref_filters, atol=1e-4, rtol=1e-5)
+    if state_grad:
+        torch.testing.assert_close(g_state, ref_state, atol=1e-5, rtol=1e-5)
+
+
+@requires_kernels
+def test_perceive_rows_backward_refuses_unsorted_rows():
+    model = RNCA(ModelConfig(channels=16))
+    state = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = fused.perceive_rows(state, model.state_filters, torch.tensor([5, 2]))
+    with pytest.raises(ValueError, match="rows must ascend"):
+        out.sum().backward()
