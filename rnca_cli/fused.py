@@ -62,13 +62,17 @@ def status() -> str:
     return f"on (CPU, float32 inference and training; {threads})"
 
 
+def _enabled() -> bool:
+    """Built, and not switched off with ``RNCA_FUSED=0``."""
+    return _fused is not None and os.environ.get("RNCA_FUSED", "1") != "0"
+
+
 def usable(model: RNCA, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :class:`FusedRun` can run this rollout: built, enabled, a CPU, float32, an alive
     threshold above 0 (block skipping relies on zero cells being dead, as sparse steps do) and at
     most 256 perception features (the paper's model has 48)."""
     return (
-        _fused is not None and os.environ.get("RNCA_FUSED", "1") != "0" and device.type == "cpu"
-        and dtype == torch.float32 and model.config.alive_threshold > 0
+        _enabled() and device.type == "cpu" and dtype == torch.float32 and model.config.alive_threshold > 0
         and model.config.filters * model.config.channels <= MAX_FEATURES
     )
 
@@ -168,8 +172,7 @@ def trainable(state: torch.Tensor, model: RNCA) -> bool:
     at most 256 perception features."""
     cfg = model.config
     return (
-        _fused is not None and os.environ.get("RNCA_FUSED", "1") != "0" and state.device.type == "cpu"
-        and state.dtype == torch.float32 and cfg.filters * cfg.channels <= MAX_FEATURES
+        _enabled() and state.device.type == "cpu" and state.dtype == torch.float32 and cfg.filters * cfg.channels <= MAX_FEATURES
     )
 
 
