@@ -555,40 +555,32 @@ static PyObject *py_perceive_rows_backward(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "perceive_rows_backward: rows must ascend");
             return NULL;
         }
+    /* One partial filter gradient per image, summed in image order afterwards: the result is the
+     * same at any thread count (adding per-thread sums as threads finish was not reproducible). */
     int64_t size = nf * 9 * k;
-    int failed = 0;
+    float *partial = b > 0 ? PyMem_RawCalloc((size_t)(b * size), sizeof(float)) : NULL;
+    if (b > 0 && !partial) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel num_threads(threads)
-    {
-        float *local = calloc(size, sizeof(float)); /* this thread's filter gradient */
-        if (!local) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic)
-        for (long long image = 0; image < b; ++image) {
-            if (!local) continue;
-            /* this image's rows: [first row >= image*h*w, first row >= (image+1)*h*w) */
-            int64_t lo = 0, hi = m, start = image * h * w, stop = start + h * w;
-            while (lo < hi) { int64_t mid = (lo + hi) / 2; if (cells[mid] < start) lo = mid + 1; else hi = mid; }
-            int64_t from = lo;
-            hi = m;
-            while (lo < hi) { int64_t mid = (lo + hi) / 2; if (cells[mid] < stop) lo = mid + 1; else hi = mid; }
-            if (k == 16)
-                rows_block16((const float *)state, h, w, cells, from, lo, (const float *)filters, nf, NULL,
-                             (const float *)grad, (float *)grad_state, local);
-            else
-                perceive_rows_backward_range((const float *)state, h, w, k, cells, from, lo, (const float *)filters,
-                                             nf, (const float *)grad, (float *)grad_state, local);
-        }
-        if (local) {
-#pragma omp critical
-            for (int64_t i = 0; i < size; ++i) ((float *)grad_filters)[i] += local[i];
-            free(local);
-        }
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (long long image = 0; image < b; ++image) {
+        float *local = partial + image * size;
+        /* this image's rows: [first row >= image*h*w, first row >= (image+1)*h*w) */
+        int64_t lo = 0, hi = m, start = image * h * w, stop = start + h * w;
+        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (cells[mid] < start) lo = mid + 1; else hi = mid; }
+        int64_t from = lo;
+        hi = m;
+        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (cells[mid] < stop) lo = mid + 1; else hi = mid; }
+        if (k == 16)
+            rows_block16((const float *)state, h, w, cells, from, lo, (const float *)filters, nf, NULL,
+                         (const float *)grad, (float *)grad_state, local);
+        else
+            perceive_rows_backward_range((const float *)state, h, w, k, cells, from, lo, (const float *)filters,
+                                         nf, (const float *)grad, (float *)grad_state, local);
     }
+    for (long long image = 0; image < b; ++image)
+        for (int64_t i = 0; i < size; ++i) ((float *)grad_filters)[i] += partial[image * size + i];
     Py_END_ALLOW_THREADS
-    if (failed) return PyErr_NoMemory();
+    PyMem_RawFree(partial);
     Py_RETURN_NONE;
 }
 

@@ -17,6 +17,7 @@ from rnca_cli.model import RNCA, ModelConfig
 SHARED_RINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "rings-train"
 # CUDA tests compare the GPU with the CPU; they run wherever PyTorch sees a CUDA device.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_kernels = pytest.mark.skipif(fused._fused is None, reason=f"fused kernels: {fused.status()}")
 
 
 @pytest.fixture(params=["pytorch", "fused"])

@@ -12,7 +12,8 @@ import torch
 from rnca_cli import fused, inference
 from rnca_cli.model import RNCA, ModelConfig, visible
 
-requires_kernels = pytest.mark.skipif(fused._fused is None, reason=f"fused kernels: {fused.status()}")
+from conftest import requires_kernels
+
 
 
 def test_kernels_are_built_wherever_a_c_compiler_is():
@@ -165,3 +166,28 @@ def test_perceive_rows_backward_refuses_unsorted_rows():
     out = fused.perceive_rows(state, model.state_filters, torch.tensor([5, 2]))
     with pytest.raises(ValueError, match="rows must ascend"):
         out.sum().backward()
+
+
+@requires_kernels
+@pytest.mark.parametrize("channels", [16, 5])  # the vector kernel and the generic one
+def test_perceive_rows_gradient_is_the_same_at_any_thread_count(channels):
+    """The filter gradient is summed per image in image order, so training is reproducible from
+    its seed whatever the thread count (per-thread sums added as threads finished were not)."""
+    model = RNCA(ModelConfig(channels=channels, filters=3))
+    g = torch.Generator().manual_seed(1)
+    state = torch.randn(8, channels, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = torch.randperm(8 * 12 * 12, generator=g)[:600].sort().values
+    grad = torch.randn(600, 3 * channels, generator=g)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 1, 2, 3):
+            torch.set_num_threads(threads)
+            model.zero_grad()
+            s = state.clone().requires_grad_()
+            (fused.perceive_rows(s, model.state_filters, rows) * grad).sum().backward()
+            results.append((s.grad, model.state_filters.grad.clone()))
+    finally:
+        torch.set_num_threads(before)
+    for g_state, g_filters in results[1:]:
+        assert torch.equal(g_state, results[0][0]) and torch.equal(g_filters, results[0][1])

@@ -14,7 +14,7 @@ from rnca_cli.errors import InputError, OutputError
 from rnca_cli.model import FireNoise, ModelConfig
 from rnca_cli.refine import refine_array
 
-from conftest import ring, tiny_model, write_nifti, write_png
+from conftest import requires_kernels, ring, tiny_model, write_nifti, write_png
 
 SMALL = ModelConfig(channels=4, hidden=16)
 
@@ -98,14 +98,36 @@ def test_a_few_iterations_lower_the_loss_and_the_checkpoint_refines(tmp_path):
     assert prob.shape == (32, 32) and 0 <= prob.min() and prob.max() <= 1
 
 
-def test_training_is_reproducible_from_the_seed(tmp_path):
+def train_at(tmp_path, threads: list[int]) -> list:
+    """The same small training run once per thread count in ``threads``; the trained models."""
     folders = make_folders(tmp_path, n=4)
-    config = tr.TrainConfig(iterations=3, pool=8, batch=2, replace=1, steps=6, min_step=3, patch=32)
+    config = tr.TrainConfig(iterations=3, pool=8, batch=4, replace=1, steps=6, min_step=3, patch=32)
     data = tr.load_dataset(*folders, config)
-    a, _ = tr.train(data, tmp_path / "a", config, SMALL)
-    b, _ = tr.train(data, tmp_path / "b", config, SMALL)
+    before, models = torch.get_num_threads(), []
+    try:
+        for run, count in enumerate(threads):
+            torch.set_num_threads(count)
+            models.append(tr.train(data, tmp_path / f"run{run}", config, SMALL)[0])
+    finally:
+        torch.set_num_threads(before)
+    return models
+
+
+def assert_same_weights(a, b):
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_is_reproducible_from_the_seed(tmp_path, engine, threads):
+    assert_same_weights(*train_at(tmp_path, [threads, threads]))
+
+
+@requires_kernels
+def test_training_with_the_kernels_is_the_same_at_any_thread_count(tmp_path):
+    """The kernels' filter gradient is summed in a fixed order; PyTorch alone is reproducible
+    only at a fixed thread count (its convolution backward splits work by thread)."""
+    assert_same_weights(*train_at(tmp_path, [1, 2]))
 
 
 def test_validation_is_logged(tmp_path):
