@@ -1,10 +1,12 @@
-/* Fused CPU kernels for rnca's inference step (rnca_cli/fused.py is the Python side; read it first).
+/* Fused CPU kernels of rnca's ``fused`` engine. Python calls them only through the checking wrappers
+ * of rnca_cli/kernels.py (read it first), which refuse a wrong dtype, device, shape or layout before
+ * any pointer reaches this file; rnca_cli/engines/fused.py is the engine that uses them.
  *
  * One rNCA step on the 16x16 blocks that can change, in three calls around the MLP's GEMMs
  * (which stay in PyTorch):
  *
  *   select   per block: the alive test before the step, the update mask (splitmix64 hash), the
- *            cells whose update is needed (rnca_cli.model.needed) and that fire; counts them;
+ *            cells whose update is needed (rnca_cli.engines.rows.needed) and that fire; counts them;
  *   gather   per block: each of those cells perceives its 3x3 neighbourhood straight from the
  *            state buffer and writes [perception, image patch, 1] as one row of the MLP input,
  *            with its own state: no perception maps, no separate gathers;
@@ -14,19 +16,15 @@
  * Results equal PyTorch's to float rounding (perception sums its nine taps in tap order, with
  * fused multiply-adds where the CPU has them).
  *
- * Cell sets of a block are bit rows: bit x of row y is cell (y, x). A 3x3 "any" is then three
- * ORs of rows and two shifts, where byte maps took nine loads per cell (select: 0.82 -> 0.55 ms
- * for the 256 blocks of a batch-16 step, isolated; hashing every cell without branches then
- * took it to 0.14-0.18 ms).
+ * Cell sets of a block are bit rows: bit x of row y is cell (y, x), so a 3x3 "any" is three ORs
+ * of rows and two shifts instead of nine loads per cell.
  *
  * Layout (all per *buffer row*, the index of a cell in the (B, Hr, Wr) buffer grid, which has a
  * 2-pixel zero ring around the image padded to whole blocks):
  *   buf      float32 (B*Hr*Wr, K)      the state, channels last
  *   bright   uint8   (B*Hr*Wr,)        1 where the visible channel >= the alive threshold, kept
  *                                      up to date by scatter: the alive tests read these bytes,
- *                                      not the visible channel, whose values sit on a 64-byte
- *                                      cache line each (select 0.53-0.56 -> 0.46-0.54 ms for a
- *                                      batch-16 step, isolated)
+ *                                      not the visible channel, one value per cache line
  *   keys     int64   (B*Hr*Wr,)        update-mask hash keys (rnca_cli.model.FireNoise)
  *   inside   uint8   (B*Hr*Wr,)        1 for cells of the image proper (the rest never update)
  *   patches  float32 (B*Hr*Wr, P)      image patch and constant 1 of each cell
@@ -34,7 +32,7 @@
  * Blocks are numbered (b, by, bx); cell (y, x) of block (by, bx) is buffer cell
  * (by*16 + 2 + y, bx*16 + 2 + x). The caller allocates the per-block scratch (todo, pre, keep:
  * nb x 16 uint32 bit rows; flags: nb x 9 bytes) and the outputs. Pointers come in as integers
- * (tensor.data_ptr()); the GIL is released while a kernel runs.
+ * from rnca_cli/kernels.py, which has checked every tensor; the GIL is released while a kernel runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,10 +43,20 @@
 #include <omp.h>
 #endif
 
-#define BLOCK 16
-#define FRAME 20 /* a block and its 2-pixel margin: every cell one step of the block reads */
-#define CORE 0xFFFFu /* the 16 cells of a block row */
-#define MAX_FEATURES 256 /* filters x channels of the generic perception; rnca_cli.fused.usable checks it */
+/* The shared numbers come from rnca_cli/constants.py, which setup.py passes as -DRNCA_... macros. */
+#if !defined(RNCA_BLOCK) || !defined(RNCA_RING) || !defined(RNCA_MAX_FEATURES) || !defined(RNCA_MAX_FILTERS) || \
+    !defined(RNCA_MIX1) || !defined(RNCA_MIX2) || !defined(RNCA_STEP_SHIFT)
+#error "build through setup.py: it passes rnca_cli/constants.py to the compiler as -DRNCA_... macros"
+#endif
+#if RNCA_BLOCK != 16 || RNCA_RING != 2 || RNCA_MAX_FILTERS != 4
+#error "a block row is kept in the bits of a uint32 with its 2-pixel margin (one step reads 2 pixels)"
+#endif
+#define BLOCK RNCA_BLOCK
+#define RING RNCA_RING
+#define FRAME (BLOCK + 2 * RING) /* a block and its margin: every cell one step of the block reads */
+#define CORE ((1u << BLOCK) - 1) /* the cells of a block row */
+#define MAX_FEATURES RNCA_MAX_FEATURES /* filters x channels of the generic perception */
+#define MAX_FILTERS RNCA_MAX_FILTERS
 
 /* Perception is compiled for AVX-512, AVX2 and plain x86-64, picked when the module loads
  * (GCC/Clang function multiversioning): one build runs on any x86-64 CPU and uses the widest
@@ -80,8 +88,8 @@ static inline uint32_t fire_bits(const int64_t *keys, int64_t row, int n, uint64
     uint32_t out = 0;
     for (int x = 0; x < n; ++x) {
         uint64_t z = (uint64_t)keys[row + x] + step;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        z = (z ^ (z >> 30)) * RNCA_MIX1;
+        z = (z ^ (z >> 27)) * RNCA_MIX2;
         out |= (uint32_t)(z < limit) << x;
     }
     return out;
@@ -123,12 +131,12 @@ static int64_t select_block(const Grid *g, const uint8_t *bright_cells, const in
         undecided[y] = pre[y] & ~spread(stable[y - 1] | stable[y] | stable[y + 1]);
     }
     for (int y = 0; y < BLOCK; ++y) {
-        int fy = y + 2;
-        int64_t row = origin + fy * g->wr + 2;
-        uint32_t need = ((pre[fy] | spread(undecided[fy - 1] | undecided[fy] | undecided[fy + 1])) >> 2) & CORE;
+        int fy = y + RING;
+        int64_t row = origin + fy * g->wr + RING;
+        uint32_t need = ((pre[fy] | spread(undecided[fy - 1] | undecided[fy] | undecided[fy + 1])) >> RING) & CORE;
         uint32_t ins = bits(inside + row, 0, BLOCK);
-        todo[y] = need & (fire[fy] >> 2) & ins;
-        pre_out[y] = (pre[fy] >> 2) & CORE;
+        todo[y] = need & (fire[fy] >> RING) & ins;
+        pre_out[y] = (pre[fy] >> RING) & CORE;
         for (uint32_t t = todo[y], p = pre_out[y] & ins; t | p; t >>= 1, p >>= 1) count += t & 1, live += p & 1;
     }
     *alive += live;
@@ -161,7 +169,7 @@ static void gather_block(const Grid *g, const float *buf, const float *patches, 
     for (int y = 0; y < BLOCK; ++y) {
         for (int c = 0; c < BLOCK; ++c) {
             if (!(todo[y] >> c & 1)) continue;
-            int64_t row = origin + (y + 2) * g->wr + c + 2;
+            int64_t row = origin + (y + RING) * g->wr + c + RING;
             const float *centre = buf + row * k;
             float *out = x + m * width;
             perceive_cell(centre, g->wr * k, nf, (int)k, filters, out);
@@ -175,8 +183,7 @@ static void gather_block(const Grid *g, const float *buf, const float *patches, 
 /* gather_block for 16 channels (the paper's and the shipped models'): a cell's state is one
  * 16-float vector (GCC/Clang vector extension: one AVX-512 register, two AVX2 ones), and the
  * 9 x nf filter vectors stay in registers for the whole block. Compiled once per filter count
- * (gather_block16), so that the filter loops unroll. 1.0 -> 0.4-0.5 ms for the 29,000 rows of a
- * batch-16 step (isolated, two threads) against the generic loop, which reloads the filters for
+ * (gather_block16), so that the filter loops unroll: the generic loop reloads the filters for
  * every cell. */
 typedef float v16 __attribute__((vector_size(64), aligned(4))); /* unaligned loads and stores */
 
@@ -191,7 +198,7 @@ static inline __attribute__((always_inline)) void gather16(const Grid *g, const 
     for (int y = 0; y < BLOCK; ++y) {
         for (int c = 0; c < BLOCK; ++c) {
             if (!(todo[y] >> c & 1)) continue;
-            int64_t row = origin + (y + 2) * g->wr + c + 2;
+            int64_t row = origin + (y + RING) * g->wr + c + RING;
             const float *centre = buf + row * 16;
             float *out = x + m * width;
             v16 acc[4] = {0};
@@ -232,9 +239,9 @@ static void keep_block(const Grid *g, const uint8_t *bright_cells, const uint8_t
     int64_t origin = frame_origin(g, id);
     for (int y = 1; y < FRAME - 1; ++y) bright[y] = bits(bright_cells + origin + y * g->wr, 1, FRAME - 1);
     for (int y = 0; y < BLOCK; ++y) {
-        int fy = y + 2;
-        keep[y] = pre[y] & (spread(bright[fy - 1] | bright[fy] | bright[fy + 1]) >> 2);
-        uint32_t held = keep[y] & bits(inside + origin + fy * g->wr + 2, 0, BLOCK);
+        int fy = y + RING;
+        keep[y] = pre[y] & (spread(bright[fy - 1] | bright[fy] | bright[fy + 1]) >> RING);
+        uint32_t held = keep[y] & bits(inside + origin + fy * g->wr + RING, 0, BLOCK);
         kept_rows |= held;
         if (y < 2) top |= held;
         if (y >= BLOCK - 2) bottom |= held;
@@ -309,9 +316,7 @@ static void perceive_rows_backward_range(const float *state, int64_t h, int64_t 
 }
 
 /* perceive_rows_range and perceive_rows_backward_range for 16 channels, one vector per cell
- * state, filters (and the filter gradient) in registers, compiled per filter count: 2.2 -> 0.73 ms
- * forward and 3.7 -> 1.6 ms backward per step of a batch-16 training iteration (profiled,
- * against the generic loops). */
+ * state, filters (and the filter gradient) in registers, compiled per filter count. */
 static inline __attribute__((always_inline)) void rows16(const float *state, int64_t h, int64_t w,
                                                           const int64_t *rows, int64_t from, int64_t to,
                                                           const float *filters, const int nf, float *out,
@@ -365,9 +370,9 @@ static void rows_block16(const float *state, int64_t h, int64_t w, const int64_t
 /* -- Python interface --------------------------------------------------------------------------- */
 
 static int parse_grid(Grid *g, long long hr, long long wr, long long k) {
-    g->hr = hr, g->wr = wr, g->k = k, g->nby = (hr - 4) / BLOCK, g->nbx = (wr - 4) / BLOCK;
-    if (hr < 4 + BLOCK || wr < 4 + BLOCK || (hr - 4) % BLOCK || (wr - 4) % BLOCK || k < 1) {
-        PyErr_SetString(PyExc_ValueError, "buffer grid must be whole 16x16 blocks plus a 2-pixel ring");
+    g->hr = hr, g->wr = wr, g->k = k, g->nby = (hr - 2 * RING) / BLOCK, g->nbx = (wr - 2 * RING) / BLOCK;
+    if (hr < 2 * RING + BLOCK || wr < 2 * RING + BLOCK || (hr - 2 * RING) % BLOCK || (wr - 2 * RING) % BLOCK || k < 1) {
+        PyErr_SetString(PyExc_ValueError, "buffer grid must be whole blocks plus the zero ring");
         return 0;
     }
     return 1;
@@ -417,7 +422,7 @@ static PyObject *py_gather(PyObject *self, PyObject *args) {
                           &nb, &todo, &counts, &x, &states, &rows, &threads) ||
         !parse_grid(&g, hr, wr, k))
         return NULL;
-    if (nf < 1 || nf > 4 || nf * k > MAX_FEATURES) {
+    if (nf < 1 || nf > MAX_FILTERS || nf * k > MAX_FEATURES) {
         PyErr_SetString(PyExc_ValueError, "gather takes 1-4 filters and at most 256 features");
         return NULL;
     }
@@ -484,7 +489,7 @@ static PyObject *py_scatter(PyObject *self, PyObject *args) {
             for (int y = 0; y < BLOCK; ++y)
                 for (int x = 0; x < BLOCK; ++x)
                     if (!(kept[j * BLOCK + y] >> x & 1)) {
-                        int64_t row = origin + (y + 2) * g.wr + x + 2;
+                        int64_t row = origin + (y + RING) * g.wr + x + RING;
                         memset(state + row * k, 0, k * sizeof(float));
                         bright_cells[row] = 0;
                     }
@@ -512,7 +517,7 @@ static PyObject *py_perceive_rows(PyObject *self, PyObject *args) {
     int nf, threads;
     if (!PyArg_ParseTuple(args, "KLLLLKLKiKi", &state, &b, &h, &w, &k, &rows, &m, &filters, &nf, &out, &threads))
         return NULL;
-    if (nf < 1 || nf > 4 || nf * k > MAX_FEATURES) {
+    if (nf < 1 || nf > MAX_FILTERS || nf * k > MAX_FEATURES) {
         PyErr_SetString(PyExc_ValueError, "perceive_rows takes 1-4 filters and at most 256 features");
         return NULL;
     }
@@ -584,6 +589,12 @@ static PyObject *py_perceive_rows_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_constants(PyObject *self, PyObject *args) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:K,s:K,s:i}", "BLOCK", BLOCK, "RING", RING, "MAX_FEATURES", MAX_FEATURES,
+                         "MAX_FILTERS", MAX_FILTERS, "MIX1", (unsigned long long)RNCA_MIX1, "MIX2",
+                         (unsigned long long)RNCA_MIX2, "STEP_SHIFT", RNCA_STEP_SHIFT);
+}
+
 static PyObject *py_openmp(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
     Py_RETURN_TRUE;
@@ -598,6 +609,7 @@ static PyMethodDef methods[] = {
     {"scatter", py_scatter, METH_VARARGS, scatter_doc},
     {"perceive_rows", py_perceive_rows, METH_VARARGS, perceive_rows_doc},
     {"perceive_rows_backward", py_perceive_rows_backward, METH_VARARGS, perceive_rows_backward_doc},
+    {"constants", py_constants, METH_NOARGS, "The shared numbers the kernels were compiled with (rnca_cli/constants.py)."},
     {"openmp", py_openmp, METH_NOARGS, "Whether the kernels were built with OpenMP (run on several threads)."},
     {NULL, NULL, 0, NULL},
 };

@@ -40,10 +40,16 @@ def fail(message: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from .fused import status  # loads PyTorch: only here, not for every command
+        from . import kernels  # loads PyTorch: only here, not for every command
+        from .engines import describe
 
-        stdout.print(f"rnca {__version__}")
-        stdout.print(f"fused CPU kernels: {status()}", highlight=False)
+        stdout.print(f"rnca {__version__}", highlight=False)
+        stdout.print("engines (a CPU float32 rollout of the paper's model):", highlight=False)
+        for line in describe():
+            stdout.print(f"  {line}", highlight=False, markup=False)
+        why = kernels.status()
+        built = f"unavailable: {why}" if why else f"built, {'with' if kernels.openmp() else 'without'} OpenMP"
+        stdout.print(f"compiled CPU kernels: {built}", highlight=False, markup=False)
         raise typer.Exit()
 
 

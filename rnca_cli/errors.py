@@ -24,7 +24,12 @@ class CheckpointError(RncaError):
     """A model file is missing, is not an rnca checkpoint, or cannot be rebuilt."""
 
 
-class DeviceError(RncaError):
+class UsageError(RncaError):
+    """An option value that cannot work (an unknown device or engine, a bad precision): the
+    command line is wrong, not the data. The CLI exits with status 2 for these."""
+
+
+class DeviceError(UsageError):
     """The requested compute device is not available."""
 
 

@@ -30,7 +30,9 @@ import torch
 
 from . import inference, io
 from .errors import InputError, OutputError
-from .inference import BLOCK, DEFAULT_TILE, PRECISIONS, refine_image
+from .constants import BLOCK
+from .engines import PRECISION_NAMES
+from .inference import DEFAULT_TILE, refine_image
 from .model import RNCA
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -168,8 +170,8 @@ class RefineOptions:
             raise ValueError("batch must be >= 1")
         if self.tile < BLOCK:
             raise ValueError(f"tile must be >= {BLOCK}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision not in PRECISION_NAMES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}")
 
 
 @dataclass

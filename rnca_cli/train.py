@@ -1,4 +1,4 @@
-"""Pool training of an rNCA (paper Section 3.3, Appendix A.1; DESIGN §4).
+"""Pool training of an rNCA (paper Section 3.3, Appendix A.1).
 
 Data: folders of images, ground-truth labels and coarse masks ("states") paired by case id. Each
 2D case (or each slice of a NIfTI volume along ``axis``) is cut into ``patch`` x ``patch`` windows
@@ -33,6 +33,7 @@ from .checkpoint import save_checkpoint
 from .device import float32_convolutions, make_generator
 from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
+from .engines import Engine, select_engine
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 
 
@@ -254,7 +255,7 @@ class Pool:
 
 
 def unroll(
-    model: RNCA, state: torch.Tensor, image: torch.Tensor, target: torch.Tensor, noise: FireNoise,
+    model: RNCA, engine: Engine, state: torch.Tensor, image: torch.Tensor, target: torch.Tensor, noise: FireNoise,
     t_star: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unroll each sample to its own loss step; returns (sum over samples of the MSE of the visible
@@ -265,13 +266,12 @@ def unroll(
     is dropped from the batch: same loss and gradients, without the steps that cannot affect them.
     """
     b = state.shape[0]
-    patches = model.image_patches(image)
-    patches = patches.view(b, -1, patches.shape[1])  # (B, P*P, 9C + 1)
+    inputs = engine.training_inputs(model, image)  # (B, ...)
     at_t_star = state.detach().clone()
     loss = state.new_zeros(())
     left = torch.arange(b, device=state.device)  # samples still unrolling, as indices into the batch
     for t in range(1, int(t_star.max()) + 1):
-        state = model.step(state, patches.reshape(-1, patches.shape[2]), noise, t - 1)
+        state = engine.train_step(model, state, inputs, noise, t - 1)
         hit = t_star[left] == t  # (len(left),)
         if not bool(hit.any()):
             continue
@@ -280,12 +280,12 @@ def unroll(
         go_on = ~hit
         if bool(go_on.any()):
             state = state[go_on].contiguous(memory_format=torch.channels_last)
-            left, patches, noise = left[go_on], patches[go_on], noise.select(go_on)
+            left, inputs, noise = left[go_on], inputs[go_on], noise.select(go_on)
     return loss, at_t_star
 
 
 def train_step(
-    model: RNCA, opt: torch.optim.Optimizer, pool: Pool, cfg: TrainConfig,
+    model: RNCA, engine: Engine, opt: torch.optim.Optimizer, pool: Pool, cfg: TrainConfig,
     index_gen: torch.Generator, step_gen: torch.Generator,
 ) -> float:
     """One pool iteration (module docstring, points 1-5). Returns the loss."""
@@ -297,7 +297,7 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
-    loss, at_t_star = unroll(model, state, image, target, noise, t_star)
+    loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star)
     loss = loss / cfg.batch
 
     opt.zero_grad(set_to_none=True)
@@ -358,6 +358,7 @@ def train(
         raise InputError(f"the training images have {channels} channel(s), the model config {model_config.image_channels}")
     torch.manual_seed(config.seed)  # parameter initialisation
     model = RNCA(model_config).to(device).train()
+    engine = select_engine(device, torch.float32, model)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
@@ -373,7 +374,7 @@ def train(
     ckpt = out / "model.pt"
     with float32_convolutions(device):  # CUDA trains like the CPU, to float rounding (see there)
         for it in range(1, config.iterations + 1):
-            loss = train_step(model, opt, pool, config, index_gen, step_gen)
+            loss = train_step(model, engine, opt, pool, config, index_gen, step_gen)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"{out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "

@@ -10,24 +10,24 @@ import pytest
 import torch
 from PIL import Image
 
-from rnca_cli import fused
+from rnca_cli import kernels
 from rnca_cli.checkpoint import save_checkpoint
 from rnca_cli.model import RNCA, ModelConfig
 
 SHARED_RINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "rings-train"
 # CUDA tests compare the GPU with the CPU; they run wherever PyTorch sees a CUDA device.
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-requires_kernels = pytest.mark.skipif(fused._fused is None, reason=f"fused kernels: {fused.status()}")
+requires_kernels = pytest.mark.skipif(kernels.status() is not None, reason=f"compiled kernels: {kernels.status()}")
 
 
-@pytest.fixture(params=["pytorch", "fused"])
+@pytest.fixture(params=["sparse", "fused"])
 def engine(request, monkeypatch) -> str:
-    """Runs a test once with CPU inference in PyTorch alone and once with the fused kernels
-    (rnca_cli.fused), through the ``RNCA_FUSED`` switch every entry point obeys.
-    test_fused.py checks that the kernels are built wherever a C compiler is."""
-    if request.param == "fused" and fused._fused is None:
-        pytest.skip(f"fused kernels: {fused.status()}")
-    monkeypatch.setenv("RNCA_FUSED", "1" if request.param == "fused" else "0")
+    """Runs a test once per fast engine (rnca_cli.engines), through the ``RNCA_ENGINE`` switch
+    every entry point obeys; returns the engine's name. Tests compare them with the reference
+    rule; test_fused.py checks that the kernels are built wherever a C compiler is."""
+    if request.param == "fused" and kernels.status() is not None:
+        pytest.skip(f"compiled kernels: {kernels.status()}")
+    monkeypatch.setenv("RNCA_ENGINE", request.param)
     return request.param
 
 

@@ -1,5 +1,6 @@
-"""The fused CPU kernels (rnca_cli.fused, _fused.c): built where a C compiler is, equal to the
-reference rule for every model shape they take, and switched off cleanly where they cannot run."""
+"""The fused engine and its compiled kernels (rnca_cli.engines.fused, rnca_cli.kernels, _fused.c):
+built where a C compiler is, equal to the reference rule for every model shape they take, refused
+cleanly where they cannot run, and never handed a tensor the C code would misread."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import sysconfig
 import pytest
 import torch
 
-from rnca_cli import fused, inference
+from rnca_cli import inference, kernels
+from rnca_cli.engines import precision_dtype
+from rnca_cli.engines import rows as R, select_engine
+from rnca_cli.engines.fused import FusedEngine, perceive_rows
+from rnca_cli.errors import UsageError
 from rnca_cli.model import RNCA, ModelConfig, visible
 
 from conftest import requires_kernels
@@ -22,8 +27,8 @@ def test_kernels_are_built_wherever_a_c_compiler_is():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) on this machine")
-    assert fused._fused is not None, fused.status()
-    assert fused.status().startswith("on")
+    assert kernels.status() is None, kernels.status()
+    assert kernels._fused is not None
 
 
 def strong_model(channels: int, filters: int, fire_rate: float = 0.5, seed: int = 0) -> RNCA:
@@ -65,7 +70,7 @@ def test_fused_rollout_equals_the_reference(channels, filters, fire_rate, shape,
     image, mask = case(shape)
     seeds = torch.tensor([3, 11])
     stats = {}
-    out = inference.rollout(model, image, mask, 12, seeds, sparse=sparse, fused=True, stats=stats)
+    out = inference.rollout(model, image, mask, 12, seeds, stats=stats, engine=FusedEngine(skip_blocks=sparse))
     ref = reference(model, image, mask, 12, seeds)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     if fire_rate > 0:
@@ -81,8 +86,8 @@ def test_fused_and_pytorch_steps_agree_on_the_shipped_model():
     model = load_model("rings")
     image, mask = case((64, 64), batch=4, seed=1)
     seeds = torch.arange(4) * 7919
-    a = inference.rollout(model, image, mask, 32, seeds, fused=True)
-    b = inference.rollout(model, image, mask, 32, seeds, fused=False)
+    a = inference.rollout(model, image, mask, 32, seeds, engine="fused")
+    b = inference.rollout(model, image, mask, 32, seeds, engine="sparse")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -96,37 +101,87 @@ def test_fused_steps_skip_dead_blocks_and_stay_exact():
     mask = torch.zeros(1, 160, 160)
     mask[0, 60:80, 70:95] = 1.0
     stats = {}
-    out = inference.rollout(model, image, mask, 20, torch.tensor([5]), fused=True, stats=stats)
+    out = inference.rollout(model, image, mask, 20, torch.tensor([5]), stats=stats, engine="fused")
     assert stats["sparse_steps"] == 20 and stats["block_share"] < 0.2
     torch.testing.assert_close(out, reference(model, image, mask, 20, torch.tensor([5])), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("setting, why", [
-    ({"precision": "bf16"}, "precision bf16"),
+    ({"precision": "bf16"}, "float32 only"),
     ({"env": "0"}, "RNCA_FUSED=0"),
 ])
-def test_fused_true_refuses_what_the_kernels_cannot_run(setting, why, monkeypatch):
+def test_the_fused_engine_refuses_what_the_kernels_cannot_run(setting, why, monkeypatch):
     model = strong_model(4, 3)
     image, mask = case((16, 16), batch=1)
     if "env" in setting:
         monkeypatch.setenv("RNCA_FUSED", setting["env"])
-    with pytest.raises(ValueError, match=why):
-        inference.rollout(model, image, mask, 2, torch.tensor([0]), fused=True, precision=setting.get("precision", "fp32"))
-    assert not fused.usable(model, torch.device("cpu"), inference.PRECISIONS[setting.get("precision", "fp32")])
+    precision = setting.get("precision", "fp32")
+    with pytest.raises(UsageError, match=why):
+        inference.rollout(model, image, mask, 2, torch.tensor([0]), precision=precision, engine="fused")
+    assert select_engine(torch.device("cpu"), precision_dtype(precision), model).name == "sparse"
 
 
-def test_models_beyond_the_kernels_use_pytorch():
-    too_wide = RNCA(ModelConfig(channels=80, filters=4))  # 320 perception features
-    no_threshold = RNCA(ModelConfig(alive_threshold=0.0))
-    for model in (too_wide, no_threshold):
-        assert not fused.usable(model, torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("config, why", [
+    (ModelConfig(channels=80, filters=4), "at most 256 perception features"),
+    (ModelConfig(alive_threshold=0.0), "alive threshold above 0"),
+])
+def test_models_beyond_the_kernels_use_the_sparse_engine(config, why):
+    model = RNCA(config)
+    assert why in FusedEngine().unavailable(torch.device("cpu"), torch.float32, model)
+    assert select_engine(torch.device("cpu"), torch.float32, model).name == "sparse"
 
 
 def test_status_says_whether_the_kernels_run(monkeypatch):
     monkeypatch.setenv("RNCA_FUSED", "0")
-    assert fused.status().startswith("off (RNCA_FUSED=0)")
+    assert kernels.status() == "switched off (RNCA_FUSED=0)"
     monkeypatch.delenv("RNCA_FUSED")
-    assert fused.status().startswith("on" if fused._fused is not None else "not built")
+    assert kernels.status() is None or kernels.status().startswith("not built")
+
+
+# -- the typed boundary: a wrong tensor raises before any pointer reaches C ---------------------------
+
+
+def perceive_args(**change):
+    """Valid arguments of kernels.perceive_rows (2 images of 6x6, 16 channels, 3 filters), with
+    ``change`` replacing some."""
+    args = {"cells": torch.zeros(2, 6, 6, 16), "rows": torch.tensor([0, 7, 40]), "filters": torch.zeros(3, 9, 16),
+            "out": torch.zeros(3, 48), "threads": 1}
+    return {**args, **change}
+
+
+@requires_kernels
+@pytest.mark.parametrize("change, message", [
+    ({"cells": torch.zeros(2, 6, 6, 16, dtype=torch.float64)}, "cells must be torch.float32, not torch.float64"),
+    ({"cells": torch.zeros(2, 6, 16, 6).transpose(2, 3)}, "cells must be contiguous"),
+    ({"cells": torch.zeros(2, 6, 6)}, r"cells must have shape \(\*, \*, \*, \*\)"),
+    ({"rows": torch.tensor([0, 7, 72])}, r"rows must lie in \[0, 72\)"),
+    ({"rows": torch.tensor([0, 7, 40], dtype=torch.int32)}, "rows must be torch.int64"),
+    ({"rows": torch.tensor([7, 0, 40])}, "rows must ascend"),
+    ({"filters": torch.zeros(5, 9, 16)}, "takes 1-4 filters"),
+    ({"filters": torch.zeros(3, 9, 8)}, r"filters must have shape \(\*, 9, 16\)"),
+    ({"out": torch.zeros(2, 48)}, r"out must have shape \(3, 48\)"),
+    ({"out": "not a tensor"}, "out must be a tensor"),
+])
+def test_kernels_refuse_tensors_the_c_code_would_misread(change, message):
+    with pytest.raises(ValueError, match="perceive_rows: " + message):
+        kernels.perceive_rows(**perceive_args(**change))
+    kernels.perceive_rows(**perceive_args())  # the valid call runs
+
+
+@requires_kernels
+def test_step_kernels_refuse_a_bad_grid_and_out_of_range_blocks():
+    n = 1 * 20 * 20  # one image of one block plus its ring
+    bright, keys, inside = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.uint8)
+    todo, pre, counts = torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    call = lambda hr, blocks, keys=keys: kernels.select(bright, keys, inside, hr, 20, 16, blocks, 0, 0, False, False,  # noqa: E731
+                                                        todo, pre, counts, 1)
+    assert call(20, torch.tensor([0])) == (0, 0)  # nothing bright: nothing alive or to update
+    with pytest.raises(ValueError, match="select: a 19x20 buffer is not whole 16x16 blocks"):
+        call(19, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"select: blocks must lie in \[0, 1\)"):
+        call(20, torch.tensor([1]))
+    with pytest.raises(ValueError, match="select: keys must be torch.int64"):
+        call(20, torch.tensor([0]), keys=keys.to(torch.int32))
 
 
 @requires_kernels
@@ -147,9 +202,9 @@ def test_perceive_rows_and_its_gradient_equal_perceive(channels, filters, state_
         model.zero_grad()
         s = state.clone().requires_grad_(state_grad)
         if use_kernel:
-            out = fused.perceive_rows(s, model.state_filters, rows)
+            out = perceive_rows(s, model.state_filters, rows)
         else:
-            out = torch.cat(model.perceive(s), 1)[rows]
+            out = torch.cat(R.perceive_maps(model, s), 1)[rows]
         (out * grad).sum().backward()
         results.append((out.detach(), s.grad, model.state_filters.grad.clone()))
     (out, g_state, g_filters), (ref, ref_state, ref_filters) = results
@@ -160,12 +215,11 @@ def test_perceive_rows_and_its_gradient_equal_perceive(channels, filters, state_
 
 
 @requires_kernels
-def test_perceive_rows_backward_refuses_unsorted_rows():
+def test_perceive_rows_refuses_unsorted_rows():
     model = RNCA(ModelConfig(channels=16))
     state = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = fused.perceive_rows(state, model.state_filters, torch.tensor([5, 2]))
-    with pytest.raises(ValueError, match="rows must ascend"):
-        out.sum().backward()
+    with pytest.raises(ValueError, match="perceive_rows: rows must ascend"):
+        perceive_rows(state, model.state_filters, torch.tensor([5, 2]))
 
 
 @requires_kernels
@@ -185,7 +239,7 @@ def test_perceive_rows_gradient_is_the_same_at_any_thread_count(channels):
             torch.set_num_threads(threads)
             model.zero_grad()
             s = state.clone().requires_grad_()
-            (fused.perceive_rows(s, model.state_filters, rows) * grad).sum().backward()
+            (perceive_rows(s, model.state_filters, rows) * grad).sum().backward()
             results.append((s.grad, model.state_filters.grad.clone()))
     finally:
         torch.set_num_threads(before)

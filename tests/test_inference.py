@@ -1,4 +1,4 @@
-"""The fast inference engine agrees exactly with the reference rule: dense, sparse and tiled."""
+"""The engines agree with the reference rule: dense, sparse, batched and tiled."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from rnca_cli import inference
-from rnca_cli.model import RNCA, FireNoise, ModelConfig, visible
+from rnca_cli.constants import RING
+from rnca_cli.engines import rows as R
+from rnca_cli.engines.fused import FusedEngine
+from rnca_cli.engines.sparse import FRAME, SparseEngine, _Run
+from rnca_cli.model import RNCA, ModelConfig, visible
 
 from conftest import requires_cuda, ring, tiny_model
 
@@ -42,8 +46,9 @@ def test_dense_and_sparse_equal_the_reference(shape, engine):
     mask = (rng.random(shape) > 0.8).astype(np.float32)
     ref = reference(model, image, mask, 20, 3)
     img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
-    for sparse in (False, True):
-        out = inference.rollout(model, img, msk, 20, torch.tensor([3]), sparse=sparse)[0].numpy()
+    kind = {"sparse": SparseEngine, "fused": FusedEngine}[engine]
+    for skip_blocks in (False, True):
+        out = inference.rollout(model, img, msk, 20, torch.tensor([3]), engine=kind(skip_blocks))[0].numpy()
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -87,11 +92,8 @@ def test_sparse_steps_follow_growth_across_block_edges_and_image_borders(growth,
 def centre_block_run():
     """A rollout's buffers for a 48x48 image: 3x3 blocks of 16x16, block 4 in the middle."""
     model = tiny_model()
-    b, k, side = 1, model.config.channels, 48
-    buf = torch.zeros(b, side + 2 * inference.RING, side + 2 * inference.RING, k).permute(0, 3, 1, 2)
-    patches = model.image_patches(torch.zeros(b, 1, side + 2 * inference.RING, side + 2 * inference.RING))
-    noise = FireNoise(torch.tensor([0]), (side, side))
-    return inference._Run(model, buf, torch.zeros(b, side, side), patches, noise, torch.float32, counting=False)
+    bufs = R.Buffers(model, torch.zeros(1, 1, 48, 48), torch.zeros(1, 48, 48), torch.tensor([0]), (0, 0))
+    return _Run(model, bufs, torch.float32, counting=False)
 
 
 @pytest.mark.parametrize("cell, blocks", [
@@ -104,8 +106,8 @@ def centre_block_run():
     ((14, 13), {4, 7}),
 ])
 def test_reach_takes_the_blocks_a_kept_cell_can_change_next(cell, blocks):
-    run, r = centre_block_run(), inference.RING
-    keep = torch.zeros(1, inference.FRAME, inference.FRAME, dtype=torch.bool)  # block 4's frame
+    run, r = centre_block_run(), RING
+    keep = torch.zeros(1, FRAME, FRAME, dtype=torch.bool)  # block 4's frame
     keep[0, r + cell[0], r + cell[1]] = True
     reach = run.reach(keep.view(1, -1), torch.tensor([4]))
     assert set(reach.nonzero().view(-1).tolist()) == blocks
@@ -158,18 +160,19 @@ def test_half_precision_mlp_stays_close_to_float32(precision):
 
 
 @requires_cuda
-@pytest.mark.parametrize("sparse", [False, True])
-def test_cuda_rollout_matches_the_cpu(sparse):
+@pytest.mark.parametrize("skip_blocks", [False, True])
+def test_cuda_rollout_matches_the_cpu(skip_blocks):
     """Documented tolerance (README): in fp32 a GPU refines like the CPU to float rounding (max |diff|
     <= 1e-4); in bf16 / fp16 it stays within half precision's tolerance of the CPU's fp32 result."""
     model = pruning_model()
     image, mask = small_object()
     img, msk = torch.from_numpy(image).permute(2, 0, 1)[None], torch.from_numpy(mask)[None]
     stats = {}
-    cpu = inference.rollout(model, img, msk, 30, torch.tensor([2]), sparse=sparse)
+    cpu = inference.rollout(model, img, msk, 30, torch.tensor([2]), engine=SparseEngine(skip_blocks))
     gpu_model = pruning_model().cuda()
-    gpu = inference.rollout(gpu_model, img.cuda(), msk.cuda(), 30, torch.tensor([2]).cuda(), sparse=sparse, stats=stats)
-    assert gpu.is_cuda and (stats["sparse_steps"] > 10) == sparse
+    gpu = inference.rollout(gpu_model, img.cuda(), msk.cuda(), 30, torch.tensor([2]).cuda(), stats=stats,
+                            engine=SparseEngine(skip_blocks))
+    assert gpu.is_cuda and (stats["sparse_steps"] > 10) == skip_blocks
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
     for precision in ("bf16", "fp16"):
         half = inference.rollout(gpu_model, img.cuda(), msk.cuda(), 30, torch.tensor([2]).cuda(), precision=precision).cpu()

@@ -1,4 +1,4 @@
-"""Pool training (DESIGN §4)."""
+"""Pool training (rnca_cli.train)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from rnca_cli import train as tr
 from rnca_cli.checkpoint import load_checkpoint
+from rnca_cli.engines import select_engine
 from rnca_cli.errors import InputError, OutputError
 from rnca_cli.model import FireNoise, ModelConfig
 from rnca_cli.refine import refine_array
@@ -176,8 +177,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     assert provenance["iterations"] == 2
 
 
-def test_unroll_drops_finished_samples_without_changing_loss_or_gradients():
+def test_unroll_drops_finished_samples_without_changing_loss_or_gradients(engine):
     model = tiny_model()
+    fast_engine = select_engine(torch.device("cpu"), torch.float32, model, engine)
     g = torch.Generator().manual_seed(0)
     image, coarse = torch.rand(4, 1, 12, 12, generator=g), torch.rand(4, 12, 12, generator=g)
     target = (coarse > 0.5).float()
@@ -190,12 +192,12 @@ def test_unroll_drops_finished_samples_without_changing_loss_or_gradients():
         loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    loss, at_t = tr.unroll(model, model.initial_state(coarse), image, target, noise, t_star)
+    loss, at_t = tr.unroll(model, fast_engine, model.initial_state(coarse), image, target, noise, t_star)
     fast = grads_of(loss)
-    # Reference: every sample runs to max(t*), its loss taken at its own t*.
-    state, patches, ref_loss, ref_at = model.initial_state(coarse), model.image_patches(image), 0.0, {}
+    # Reference: the rule; every sample runs to max(t*), its loss taken at its own t*.
+    state, features, ref_loss, ref_at = model.initial_state(coarse), model.perceive_image(image), 0.0, {}
     for t in range(1, 8):
-        state = model.step(state, patches, noise, t - 1)
+        state = model.step(state, features, noise, t - 1)
         for i in (t_star == t).nonzero().flatten().tolist():
             ref_loss = ref_loss + ((state[i, 0] - target[i]) ** 2).mean()
             ref_at[i] = state[i].detach()
