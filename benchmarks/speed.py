@@ -1,40 +1,22 @@
-"""Speed and memory of rnca's inference and training, as ratios against a straightforward rNCA.
+"""Speed and memory of rnca's engines, as ratios against the rule they implement.
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda|cuda:N] [--json benchmarks/speed.json]
 
-Everything is measured in one run, on this machine, side by side:
+Everything is measured in one run, on this machine, side by side (alternating rounds, best of):
 
-* ``straightforward``: the rNCA as the paper writes it, kept here on purpose: NCHW tensors,
-  perception by convolutions, the image features concatenated to the state features at every step
-  and the MLP as two 1x1 convolutions, update masks drawn per step, the alive test by max pooling.
-  It shares the weights and the update-mask draws of the model under test, so outputs can be
-  compared exactly.
-* ``rnca``: ``rnca_cli.inference.rollout`` (in-place buffer, hoisted image term, channels-last
-  GEMM in cache-sized chunks, block-sparse steps) for inference, and ``RNCA.step`` with autograd
-  for training (``rnca_cli.train.train_step``'s path).
+* ``straightforward``: the rule of ``rnca_cli.model`` (``RNCA.step`` on every pixel at every
+  step, NCHW convolutions, image features concatenated each step): the reference the engines are
+  tested against. It shares the model's weights and update-mask draws, so outputs compare exactly.
+* ``rnca``: ``rnca_cli.inference.rollout`` on the engine rnca selects (``fused`` where the
+  compiled kernels run, else ``sparse``), and the engine's ``train_step`` with autograd for
+  training; ``rnca in PyTorch alone`` is the ``sparse`` engine.
 
-Every timing runs with glibc's malloc keeping freed memory in the process
-(``rnca_cli.device.keep_freed_memory``, which the ``rnca`` command sets too), so that neither
-formulation is timed page-faulting. With glibc's defaults a fresh process ``mmap``s every block of
-32 MB or more and faults it in anew after each free; the straightforward formulation allocates
-several per step (its (16, 128, 64, 64) hidden layer alone is 33.5 MB), so a batch-16 rollout took
-2.4-2.7 million minor faults, 5.3-6.3 s of its 6-7 s in the kernel, and 2.75-3.2 instead of 5.9-7.0
-ms per image-step once a heap had grown. Before run AE its inference row came first and was timed
-faulting, which reported rnca's inference ratio as 5.8-8.3x; against the fault-free formulation it
-is about half that. The inference row is repeated in a fresh process with glibc's defaults
-(``default_malloc_inference``); the memory rows run in fresh processes set up as the ``rnca``
-command sets itself up.
-
-Rows: inference ms per 64x64 image per step (batch 16, 64 steps); training seconds per iteration
-(batch 16, 64 steps, backward); one 584x565 image, 64 steps; a 512x512 image with one small ring,
-where most of the image dies (cost vs alive share); peak RSS of refining a 4096x4096 image and a
-256^3 volume (child processes; the straightforward formulation at 1024x1024, since at 4096x4096 it
-needs tens of GB); the float32 GEMM rate and the share of it the per-pixel MLP reaches.
-
-``--device cuda`` measures the rows that mean something on a GPU instead (:func:`device_rows`):
-batch-16 and batch-256 inference against the straightforward formulation on the same GPU and
-against rnca's CPU result, half precision, a training iteration, the 584x565 and one-ring images,
-and peak CUDA memory for a 4096x4096 image and a 256^3 volume.
+Timings run with glibc's malloc keeping freed memory (``rnca_cli.device.keep_freed_memory``, as
+the ``rnca`` command sets it), so that no formulation is timed page-faulting; the inference row is
+repeated in a fresh process with glibc's defaults. Rows: batch-16 inference of 64x64 images
+(64 steps), training iterations (batch 16), one 584x565 image, a 512x512 image with one small
+ring (cost against alive share), peak RSS for a 4096x4096 image and a 256^3 volume. ``--device
+cuda`` measures the rows that mean something on a GPU (:func:`device_rows`).
 """
 
 from __future__ import annotations
@@ -52,72 +34,70 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnca_cli import RncaError, fused, inference, load_model, synth, train
+from rnca_cli import RncaError, inference, kernels, load_model, synth, train
 from rnca_cli.device import keep_freed_memory, resolve_device
+from rnca_cli.engines import PRECISION_NAMES, select_engine
+from rnca_cli.engines.fused import FusedEngine
+from rnca_cli.engines.rows import fc1_weight, mlp, mlp_weights
+from rnca_cli.engines.sparse import SparseEngine
 from rnca_cli.model import RNCA, FireNoise, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# -- the straightforward formulation --------------------------------------------------------------
+# -- the baseline: the rule of rnca_cli.model, as the paper writes it -----------------------------------
 
 
 class Straightforward:
-    """The paper's rNCA written plainly (NCHW, concatenation each step, 1x1 convs)."""
+    """The rule of :mod:`rnca_cli.model` (``RNCA.step``: every pixel, every step, image features
+    concatenated each step), the reference every engine is tested against, timed as the baseline."""
 
     def __init__(self, model: RNCA):
         self.m = model
-        self.w1 = torch.cat([model.fc1_state.weight, model.fc1_image.weight], 1)[:, :, None, None]
-        self.w2 = model.fc2.weight[:, :, None, None]
 
-    def step(self, state, image, noise, t):
-        m, k = self.m, self.m.config.channels
-        feats = torch.cat([F.conv2d(state, m.state_filters, padding=1, groups=k), m.image_conv(image)], 1)
-        delta = F.conv2d(torch.relu(F.conv2d(feats, self.w1, m.fc1_image.bias)), self.w2, m.fc2.bias)
-        pre = F.max_pool2d(state[:, :1], 3, 1, 1) >= m.config.alive_threshold
-        new = state + delta * (noise.uniform(t) < m.config.fire_rate)
-        post = F.max_pool2d(new[:, :1], 3, 1, 1) >= m.config.alive_threshold
-        return new * (pre & post)
+    def step(self, state, image_features, noise, t):
+        return self.m.step(state, image_features, noise, t)
 
     def rollout(self, image, mask, steps, seeds):
-        b, _, h, w = image.shape
-        state = torch.zeros(b, self.m.config.channels, h, w, device=image.device)
-        state[:, 0] = mask.clamp(self.m.config.visible_floor, 1)
-        noise = FireNoise(seeds, (h, w))
-        for t in range(steps):
-            state = self.step(state, image, noise, t)
-        return state
+        with torch.no_grad():
+            return self.m.rollout(image, mask, steps, seeds=seeds)[0]
 
 
 def train_iteration(model: RNCA, naive: Straightforward, image, mask, seeds, steps: int, fast: bool) -> None:
     """One training iteration, every sample unrolled ``steps`` steps, MSE at the last, backward:
-    rnca's differentiated step (``RNCA.step``, what ``rnca_cli.train`` runs) or the straightforward
-    formulation's, on the device the tensors are on."""
+    the engine's differentiated step (what ``rnca_cli.train`` runs) or the rule's, on the device
+    the tensors are on."""
     state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
     noise = FireNoise(seeds, tuple(mask.shape[-2:]))
-    patches = model.image_patches(image) if fast else None
+    engine = select_engine(image.device, torch.float32, model)
+    inputs = engine.training_inputs(model, image) if fast else model.perceive_image(image)
     for t in range(steps):
-        state = model.step(state, patches, noise, t) if fast else naive.step(state.contiguous(), image, noise, t)
+        state = engine.train_step(model, state, inputs, noise, t) if fast else naive.step(state, inputs, noise, t)
     loss = ((state[:, 0] - (mask > 0.5).float()) ** 2).mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def whole_image_engine():
+    """The fastest engine with block skipping off: every step on the whole image."""
+    return FusedEngine(skip_blocks=False) if kernels.status() is None else SparseEngine(skip_blocks=False)
 
 
 # -- helpers --------------------------------------------------------------------------------------
 
 
 def without_kernels(fn, *args):
-    """``fn(*args)`` with rnca's compiled kernels switched off (``RNCA_FUSED=0``): rnca in PyTorch
-    alone, as it runs where no C compiler was at install time."""
-    before = os.environ.get("RNCA_FUSED")
-    os.environ["RNCA_FUSED"] = "0"
+    """``fn(*args)`` on the sparse engine (``RNCA_ENGINE=sparse``): rnca in PyTorch alone, as it
+    runs where no C compiler was at install time."""
+    before = os.environ.get("RNCA_ENGINE")
+    os.environ["RNCA_ENGINE"] = "sparse"
     try:
         return fn(*args)
     finally:
         if before is None:
-            del os.environ["RNCA_FUSED"]
+            del os.environ["RNCA_ENGINE"]
         else:
-            os.environ["RNCA_FUSED"] = before
+            os.environ["RNCA_ENGINE"] = before
 
 
 def best_of(fn, repeat: int) -> float:
@@ -234,7 +214,7 @@ def device_rows(model_name: str, device: torch.device, steps: int, repeat: int, 
                 "mask agreement with the CPU": float(((fast >= 0.5) == (cpu >= 0.5)).float().mean())}
             if batch != 16:
                 continue
-            t = timed({p: (lambda p=p: inference.rollout(model, *on, precision=p)) for p in inference.PRECISIONS}, repeat)
+            t = timed({p: (lambda p=p: inference.rollout(model, *on, precision=p)) for p in PRECISION_NAMES}, repeat)
             for p in ("bf16", "fp16"):
                 half = inference.rollout(model, *on, precision=p).cpu()
                 rows[f"{name}: inference with --precision {p}, ms / image / step (batch 16)"] = {
@@ -251,7 +231,7 @@ def device_rows(model_name: str, device: torch.device, steps: int, repeat: int, 
         size = 512 if not quick else 256
         s_img, s_mask = (x.to(device) for x in ring_grid(size, 1))
         t = timed({"sparse": lambda: inference.rollout(model, s_img, s_mask, steps, zero),
-                   "dense": lambda: inference.rollout(model, s_img, s_mask, steps, zero, sparse=False),
+                   "dense": lambda: inference.rollout(model, s_img, s_mask, steps, zero, engine=whole_image_engine()),
                    "slow": lambda: naive.rollout(s_img, s_mask, steps, zero)}, repeat)
         rows[f"{name}: {size}x{size}, one ring, {steps} steps, s"] = {
             "rnca": t["sparse"], "rnca without block-sparse steps": t["dense"], "straightforward": t["slow"]}
@@ -377,7 +357,7 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
         with torch.no_grad():
             inference_passes.append(side_by_side({
                 "fast": lambda: inference.rollout(model, image, mask, steps, seeds),
-                "pytorch": lambda: inference.rollout(model, image, mask, steps, seeds, fused=False),
+                "pytorch": lambda: inference.rollout(model, image, mask, steps, seeds, engine="sparse"),
                 "slow": lambda: naive.rollout(image, mask, steps, seeds)}, pass_rounds))
 
     # 4. cost follows the work (timed in passes, like row 1): 512x512 images with 16, 4 and 1 rings;
@@ -424,7 +404,7 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
     # 1b. the MLP in half precision (--precision): time and agreement with float32
     with torch.no_grad():
         t = side_by_side({p: (lambda p=p: inference.rollout(model, image, mask, steps, seeds, precision=p))
-                          for p in inference.PRECISIONS}, repeat)
+                          for p in PRECISION_NAMES}, repeat)
         for p in ("bf16", "fp16"):
             half = inference.rollout(model, image, mask, steps, seeds, precision=p)
             rows[f"inference with --precision {p}, ms / image / step"] = {
@@ -444,7 +424,7 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
         "rnca": t_fast, "straightforward": t_slow, "rnca in PyTorch alone": t["pytorch"],
         "speed-up in PyTorch alone": t_slow / t["pytorch"]}
 
-    # 2b. the iteration rnca train runs: loss at t* ~ U[steps/2, steps] per sample (DESIGN §4). rnca:
+    # 2b. the iteration rnca train runs: loss at t* ~ U[steps/2, steps] per sample (rnca_cli.train). rnca:
     #     rnca_cli.train.unroll, which drops a sample once its t* has passed; straightforward: every
     #     sample unrolled to max(t*), as the paper's loop does. Same t* draws, same loss.
     t_star = torch.randint(steps // 2, steps + 1, (16,), generator=torch.Generator().manual_seed(0))
@@ -453,11 +433,12 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
         state = model.initial_state(mask).contiguous(memory_format=torch.channels_last)
         noise = FireNoise(seeds, (64, 64))
         if fast:
-            loss, _ = train.unroll(model, state, image, target, noise, t_star)
+            loss, _ = train.unroll(model, select_engine(image.device, torch.float32, model), state, image, target,
+                                   noise, t_star)
         else:
-            loss = 0.0
+            loss, features = 0.0, model.perceive_image(image)
             for t in range(1, int(t_star.max()) + 1):
-                state = naive.step(state.contiguous(), image, noise, t - 1)
+                state = naive.step(state, features, noise, t - 1)
                 hit = t_star == t
                 if hit.any():
                     loss = loss + ((state[hit, 0] - target[hit]) ** 2).mean(dim=(1, 2)).sum()
@@ -489,7 +470,7 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
     with torch.no_grad():
         t = side_by_side({
             "sparse": lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0])),
-            "dense": lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), sparse=False),
+            "dense": lambda: inference.rollout(model, s_img, s_mask, steps, torch.tensor([0]), engine=whole_image_engine()),
             "slow": lambda: naive.rollout(s_img, s_mask, steps, torch.tensor([0]))}, 2)
         t_sparse, t_dense, t_slow = t["sparse"], t["dense"], t["slow"]
     rows[f"{size}x{size}, one ring, {steps} steps, s"] = {
@@ -499,9 +480,10 @@ def cpu_rows(model_name: str, steps: int, quick: bool) -> dict:
     n = 16 * 64 * 64
     a, bmat = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm = 2 * 2048**3 / best_of(lambda: a @ bmat, 5) / 1e9
-    x = torch.randn(n, model.fc1().shape[1])  # [state features, image patch, 1] rows
+    x = torch.randn(n, fc1_weight(model).shape[1])  # [state features, image patch, 1] rows
     with torch.no_grad():
-        t_mlp = best_of(lambda: model.mlp(x), 5)
+        weights = mlp_weights(model)
+        t_mlp = best_of(lambda: mlp(x, *weights), 5)
     mlp_flops = 2 * n * (x.shape[1] * model.config.hidden + model.config.hidden * model.config.channels)
     rows["float32 GEMM GFLOP/s (2048^3)"] = {"rnca": gemm}
     rows["per-pixel MLP GFLOP/s (65536 px)"] = {"rnca": mlp_flops / t_mlp / 1e9, "share of GEMM rate": mlp_flops / t_mlp / 1e9 / gemm}
@@ -567,7 +549,8 @@ def main() -> None:
                "torch threads": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version(), "cuda": torch.cuda.is_available(),
                "malloc keeps freed memory (no page faults in timings)": no_faults,
-               "fused kernels": fused.status()}
+               "engine": select_engine(torch.device("cpu"), torch.float32, RNCA()).name,
+               "compiled kernels": kernels.status() or "built"}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(machine))

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import io
-from .errors import InputError, RncaError
+from .errors import InputError, RncaError, UsageError
 from .metrics import HIGHER_IS_BETTER, METRIC_GROUPS, case_metrics
 
 ALL_COLUMNS = (
@@ -41,7 +41,7 @@ def parse_metrics(text: str) -> list[str]:
         return list(METRIC_GROUPS)
     unknown = [n for n in names if n not in METRIC_GROUPS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METRIC_GROUPS)}")
+        raise UsageError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METRIC_GROUPS)}")
     return [m for m in METRIC_GROUPS if m in names]
 
 
@@ -52,11 +52,11 @@ def parse_thresholds(text: str | None) -> dict[str, float]:
         name, sep, value = item.partition("=")
         name = name.strip().lower()
         if not sep or name not in ALL_COLUMNS:
-            raise ValueError(f"{item!r}: expected METRIC=VALUE with METRIC one of {', '.join(ALL_COLUMNS)}")
+            raise UsageError(f"{item!r}: expected METRIC=VALUE with METRIC one of {', '.join(ALL_COLUMNS)}")
         try:
             out[name] = float(value)
         except ValueError:
-            raise ValueError(f"{item!r}: {value!r} is not a number") from None
+            raise UsageError(f"{item!r}: {value!r} is not a number") from None
     return out
 
 
@@ -69,9 +69,9 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
-            raise ValueError("threshold must be in (0, 1]")
+            raise UsageError("threshold must be in (0, 1]")
         if self.jobs < 0:
-            raise ValueError("jobs must be >= 0")
+            raise UsageError("jobs must be >= 0")
 
 
 @dataclass
@@ -307,3 +307,58 @@ def write_results(
         written.append(json_path)
     return written
 
+
+
+@dataclass
+class Report:
+    """What :func:`evaluate_paths` found: the evaluation, the comparison with the baseline (or
+    None), the thresholds missed, and the unmatched files as (kind, path)."""
+
+    result: Evaluation
+    comparison: dict | None
+    misses: list[str]
+    unmatched: list[tuple[str, Path]]
+
+
+def evaluate_paths(
+    pred: Path, gt: Path, options: EvalOptions = EvalOptions(), out: Path | None = None,
+    json_path: Path | None = None, baseline: Path | None = None, fail_under: str | None = None,
+    fail_over: str | None = None, strict: bool = False, overwrite: bool = False,
+    on_start: Callable[[int, list[tuple[str, Path]]], None] | None = None,
+    on_case: Callable[[dict], None] | None = None,
+) -> Report:
+    """``rnca evaluate``: score the prediction file or folder ``pred`` against ``gt`` (and the
+    ``baseline`` predictions, if given), write ``out`` and ``json_path``, and check the
+    ``fail_under`` / ``fail_over`` thresholds (``"dice=0.8,hd95=10"``).
+
+    Everything that can be refused is refused before any work: bad thresholds (a
+    :class:`~rnca_cli.errors.UsageError`, also for a threshold on a metric not computed), outputs
+    that exist without ``overwrite``, unmatched files with ``strict``. ``on_start(cases,
+    unmatched)`` is told how many evaluations will run; ``on_case`` gets each case's row.
+    """
+    under, over = parse_thresholds(fail_under), parse_thresholds(fail_over)
+    computed = set(columns_for(options.metrics))
+    for name in [*under, *over]:
+        if name not in computed:
+            raise UsageError(f"threshold on {name}: not computed with --metrics {','.join(options.metrics)}")
+    targets = output_paths(out, baseline is not None) if out is not None else []
+    for target in targets + ([json_path] if json_path is not None else []):
+        io.check_writable(target, overwrite)
+    pairs, lonely_pred, lonely_gt = pair_files(pred, gt)
+    base_pairs = pair_files(baseline, gt)[0] if baseline is not None else []
+    lonely = [("prediction", p) for p in lonely_pred] + [("ground truth", p) for p in lonely_gt]
+    if baseline is not None:
+        have = {p.case_id for p in base_pairs}
+        lonely += [("baseline missing for", p.pred) for p in pairs if p.case_id not in have]
+    if lonely and strict:
+        kind, path = lonely[0]
+        raise InputError(f"{path}: unmatched {kind} ({len(lonely)} unmatched file(s) in all; --strict)")
+    if on_start:
+        on_start(len(pairs) + len(base_pairs), lonely)
+    result = evaluate(pairs, options, on_case)
+    result.unmatched_pred, result.unmatched_gt = lonely_pred, lonely_gt
+    comparison = compare(result, evaluate(base_pairs, options, on_case)) if base_pairs else None
+    misses = check_thresholds(result.summary, under, over)
+    thresholds = {"fail_under": under, "fail_over": over, "misses": misses} if (under or over) else None
+    write_results(result, out, json_path, comparison, thresholds)
+    return Report(result, comparison, misses, lonely)

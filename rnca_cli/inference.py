@@ -18,8 +18,9 @@ import torch
 from .device import float32_convolutions
 from .engines import Engine, precision_dtype, select_engine
 from .model import RNCA
+from .options import RefineOptions
 
-DEFAULT_TILE = 768  # core side; with a 129-pixel halo (64 steps) about 1 GB of working memory
+DEFAULT_TILE = RefineOptions.tile
 
 
 def halo(steps: int) -> int:

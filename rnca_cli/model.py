@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import constants as C
+from .errors import UsageError
 
 # Initial 3x3 perception kernels, in the order a config's ``filters`` count takes them.
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
@@ -80,7 +81,7 @@ class ModelConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ModelConfig: {message}")
+                raise UsageError(f"ModelConfig: {message}")
 
     def to_dict(self) -> dict:
         return asdict(self)

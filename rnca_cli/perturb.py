@@ -44,10 +44,10 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .errors import RncaError
+from .errors import UsageError
 
 
-class PerturbError(RncaError, ValueError):
+class PerturbError(UsageError):
     """An unknown operator, a malformed recipe, or a parameter out of range."""
 
 

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from . import inference, io
-from .errors import InputError, OutputError
-from .constants import BLOCK
-from .engines import PRECISION_NAMES
+from .errors import InputError, OutputError, UsageError
 from .inference import DEFAULT_TILE, refine_image
+from .options import RefineOptions
 from .model import RNCA
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -144,34 +143,6 @@ def refine_array(
 
 
 # -- files and folders ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RefineOptions:
-    steps: int = 64
-    threshold: float = 0.5
-    seed: int = 0
-    axis: int = 2
-    label: int | None = None
-    save_prob: bool = False
-    batch: int = 32
-    tile: int = DEFAULT_TILE
-    precision: str = "fp32"
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError("steps must be >= 0")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError("threshold must be in (0, 1]")
-        if self.axis not in (0, 1, 2):
-            raise ValueError("axis must be 0, 1 or 2")
-        if self.batch < 1:
-            raise ValueError("batch must be >= 1")
-        if self.tile < BLOCK:
-            raise ValueError(f"tile must be >= {BLOCK}")
-        if self.precision not in PRECISION_NAMES:
-            raise ValueError(f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}")
 
 
 @dataclass
@@ -329,3 +300,51 @@ def run_jobs(
             flush()
     flush()
     return results
+
+
+@dataclass
+class RefineRun:
+    """What :func:`refine_files` did: the cases written, the unmatched files as (kind, path), the
+    device it ran on and the seconds it took."""
+
+    results: list[CaseResult]
+    unmatched: list[tuple[str, Path]]
+    device: str
+    seconds: float
+
+
+def refine_files(
+    image: Path, mask: Path, out: Path | None, model: str = "rings", options: RefineOptions = RefineOptions(),
+    device: str = "auto", on_start: Callable[[list[Job], list[tuple[str, Path]]], None] | None = None,
+    on_case: Callable[[CaseResult], None] | None = None, progress: OnPixels = None,
+) -> RefineRun:
+    """``rnca refine``: one image and mask (files), or every paired case of two folders, refined
+    with ``model`` (a shipped name or a checkpoint path) and written to ``out`` (folder mode needs
+    it; for one case it defaults to ``<mask>_refined`` beside the mask).
+
+    Every input header and output path is checked before any work. ``on_start(jobs, unmatched)``
+    is called once the work is planned; ``on_case`` and ``progress`` as for :func:`run_jobs`.
+    """
+    import time
+
+    from .checkpoint import load_model
+    from .device import resolve_device
+
+    unmatched: list[tuple[str, Path]] = []
+    if image.is_dir() or mask.is_dir():
+        if not (image.is_dir() and mask.is_dir()):
+            raise UsageError(f"{image if not image.is_dir() else mask}: folder mode needs --image and --mask to be folders")
+        if out is None:
+            raise UsageError("folder mode needs --out DIR")
+        jobs, pairing = plan_folder(image, mask, out, options)
+        unmatched = [("image, skipped", p) for p in pairing.unmatched_images]
+        unmatched += [("mask, skipped", p) for p in pairing.unmatched_masks]
+    else:
+        jobs = plan_single(image, mask, out, options)
+    torch_device = resolve_device(device)
+    net = load_model(model, torch_device)
+    if on_start:
+        on_start(jobs, unmatched)
+    start = time.perf_counter()
+    results = run_jobs(net, jobs, options, on_case, progress)
+    return RefineRun(results, unmatched, str(torch_device), time.perf_counter() - start)

@@ -35,51 +35,7 @@ from .errors import InputError, OutputError, TrainingError
 from .metrics import dice
 from .engines import Engine, select_engine
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters; defaults are the paper's (Appendix A.1)."""
-
-    iterations: int = 2000
-    pool: int = 256
-    batch: int = 32
-    replace: int = 2
-    steps: int = 64
-    min_step: int | None = None  # None: half of steps, rounded up (the paper's 32 of 64)
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    patch: int = 64
-    overlap: float = 0.25
-    val_cases: int = 0
-    val_every: int = 100
-    save_every: int = 100
-    axis: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.min_step is None:
-            object.__setattr__(self, "min_step", max(1, (self.steps + 1) // 2))
-        checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.batch >= 1, "batch must be >= 1"),
-            (self.pool >= self.batch, f"pool ({self.pool}) must be >= batch ({self.batch})"),
-            (0 <= self.replace <= self.batch, "replace must be in 0..batch"),
-            (1 <= self.min_step <= self.steps, f"min-step ({self.min_step}) must be in 1..steps ({self.steps})"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.clip > 0, "clip must be > 0"),
-            (self.patch >= 8, "patch must be >= 8"),
-            (0 <= self.overlap < 1, "overlap must be in [0, 1)"),
-            (self.val_cases >= 0, "val-cases must be >= 0"),
-            (self.val_every >= 1 and self.save_every >= 1, "val-every and save-every must be >= 1"),
-            (self.axis in (0, 1, 2), "axis must be 0, 1 or 2"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+from .options import TrainConfig
 
 
 @dataclass
@@ -397,3 +353,24 @@ def train(
                 on_progress(Progress(it, config.iterations, loss, it / elapsed if elapsed > 0 else 0.0, val))
     model.eval()
     return model, ckpt
+
+
+def train_files(
+    images: Path, labels: Path, states: Path, out: Path, config: TrainConfig = TrainConfig(),
+    model_config: ModelConfig = ModelConfig(), label: int | None = None, device: str = "auto",
+    overwrite: bool = False, on_start: Callable[[Dataset, torch.device], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Path:
+    """``rnca train``: load the three folders (:func:`load_dataset`), train a model of
+    ``model_config`` (its image channels taken from the data) on ``device`` and write the run
+    folder ``out``. ``on_start(data, device)`` is told what was loaded. Returns the checkpoint."""
+    from dataclasses import replace
+
+    from .device import resolve_device
+
+    torch_device = resolve_device(device)
+    data = load_dataset(images, labels, states, config, label=label)
+    if on_start:
+        on_start(data, torch_device)
+    model_config = replace(model_config, image_channels=data.train.images.shape[1])
+    return train(data, out, config, model_config, torch_device, overwrite, on_progress)[1]

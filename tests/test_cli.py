@@ -103,7 +103,8 @@ def test_existing_output_needs_overwrite(tmp_path, png_folders, model_file):
     ["missing_image", "shape_mismatch", "unreadable", "no_pairs", "bad_model", "bad_device", "bad_option",
      "bad_precision", "out_blocked"],
 )
-def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, case):
+def test_bad_input_gives_one_line_and_its_exit_code(tmp_path, png_folders, model_file, case):
+    """Bad data exits 1, a bad option value (device, precision, threshold) 2: the exit-code table."""
     images, masks = png_folders
     image, mask, model, extra = images / "case0.png", masks / "case0.png", model_file, []
     out = tmp_path / "out.png"
@@ -130,7 +131,7 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path, png_folders, model_file, 
     else:
         extra, expected = ["--threshold", "0"], "threshold must be in (0, 1]"
     result = rnca("refine", "--image", image, "--mask", mask, "--out", out, "--model", model, "--steps", 2, *extra)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == (2 if case in ("bad_device", "bad_precision", "bad_option") else 1), result.output
     assert expected in result.output
     assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
     assert not out.exists()
@@ -149,7 +150,7 @@ def test_commands_with_a_progress_bar_fail_with_only_the_error_line(tmp_path, ar
     """The progress bar a command started is removed when it fails: the error is all that is printed."""
     (tmp_path / "file.png").write_bytes(b"")
     result = rnca(*[a.format(tmp=tmp_path) for a in args])
-    assert result.exit_code == 1
+    assert result.exit_code == (2 if "unknown kind" in message else 1)
     assert result.output == f"error: {message.format(tmp=tmp_path)}\n"
 
 
@@ -192,7 +193,7 @@ def test_train_bad_option_and_empty_folder(tmp_path):
     images, labels, states = make_folders(tmp_path, n=2)
     result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", tmp_path / "r",
                   "--batch", 64, "--pool", 8)
-    assert result.exit_code == 1 and "pool (8) must be >= batch (64)" in result.output
+    assert result.exit_code == 2 and "pool (8) must be >= batch (64)" in result.output
     (tmp_path / "none").mkdir()
     result = rnca("train", "--images", tmp_path / "none", "--labels", labels, "--states", states, "--out", tmp_path / "r")
     assert result.exit_code == 1 and "no case has an image" in result.output
@@ -220,7 +221,7 @@ def test_threads_option_is_applied_and_validated(png_folders, model_file, tmp_pa
         assert rnca(*args, "--out", tmp_path / "a.png", "--threads", 1).exit_code == 0
         assert torch.get_num_threads() == 1
         bad = rnca(*args, "--out", tmp_path / "b.png", "--threads", -2)
-        assert bad.exit_code == 1 and "--threads -2" in bad.output and not (tmp_path / "b.png").exists()
+        assert bad.exit_code == 2 and "--threads -2" in bad.output and not (tmp_path / "b.png").exists()
     finally:
         torch.set_num_threads(before)
 
@@ -228,7 +229,7 @@ def test_threads_option_is_applied_and_validated(png_folders, model_file, tmp_pa
 def test_train_refuses_bad_model_options_before_reading_data(tmp_path):
     result = rnca("train", "--images", tmp_path / "nowhere", "--labels", tmp_path, "--states", tmp_path,
                   "--out", tmp_path / "r", "--fire-rate", 2)
-    assert result.exit_code == 1 and "fire_rate must be in [0, 1]" in result.output
+    assert result.exit_code == 2 and "fire_rate must be in [0, 1]" in result.output
 
 
 def test_half_precision_refine_runs_and_stays_close(tmp_path, png_folders, model_file):
@@ -250,7 +251,7 @@ def test_tiled_refine_writes_the_same_mask(tmp_path, png_folders, model_file):
     for name in ("whole", "tiled"):
         assert (tmp_path / f"{name}_prob.png").exists()
     assert (tmp_path / "whole_prob.png").read_bytes() == (tmp_path / "tiled_prob.png").read_bytes()
-    assert rnca(*common, "--out", tmp_path / "x.png", "--tile", 4).exit_code == 1
+    assert rnca(*common, "--out", tmp_path / "x.png", "--tile", 4).exit_code == 2
 
 
 @requires_cuda
@@ -278,3 +279,30 @@ def test_refine_and_train_on_cuda(tmp_path, png_folders, model_file):
     assert all(t.device.type == "cpu" for t in raw["state_dict"].values())
     model, provenance = load_checkpoint(run / "model.pt")
     assert provenance["iterations"] == 3
+
+
+@pytest.mark.parametrize("command", ["refine", "train", "evaluate", "perturb", "synth"])
+def test_every_command_has_short_help_and_ends_with_examples(command):
+    result = rnca(command, "-h")
+    assert result.exit_code == 0, result.output
+    tail = result.output[result.output.index("Examples:"):]
+    assert tail.count(f"rnca {command} ") >= 2
+
+
+def test_refine_takes_nnunet_style_short_options(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    out = tmp_path / "short.png"
+    result = rnca("refine", "-i", images / "case0.png", "-m", masks / "case0.png", "-o", out, "--model", model_file,
+                  "--steps", 2, "-q")
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+@pytest.mark.parametrize("name", ["x[/].png", "[red]x[/red].png", ":warning:.png"])
+def test_paths_are_printed_exactly_as_given(tmp_path, png_folders, model_file, name):
+    """A path with square brackets or colons is shown as it is, not read as rich markup."""
+    images, _ = png_folders
+    missing = tmp_path / name
+    result = rnca("refine", "-i", images / "case0.png", "-m", missing, "--model", model_file)
+    assert result.exit_code == 1, result.output
+    assert str(missing) in result.output and "Traceback" not in result.output

@@ -174,10 +174,16 @@ def test_cli_fail_under_and_over_exit_codes(tmp_path, folders):
     ok = rnca("evaluate", "--pred", pred, "--gt", gt, "--fail-under", "dice=0.9", "--fail-over", "betti_err=1", "-q")
     assert ok.exit_code == 0, ok.output
     bad = rnca("evaluate", "--pred", pred, "--gt", gt, "--fail-under", "dice=0.999", "--fail-over", "betti1_err=0.1")
-    assert bad.exit_code == 1
+    assert bad.exit_code == 3  # a regression, told apart from a broken pipeline (1) and a bad option (2)
     assert "dice: mean" in bad.output and "betti1_err: mean 0.5 is above the limit 0.1" in bad.output
     usage = rnca("evaluate", "--pred", pred, "--gt", gt, "--fail-under", "iou=0.5")
     assert usage.exit_code == 2
+    not_computed = rnca("evaluate", "--pred", pred, "--gt", gt, "--metrics", "dice", "--fail-over", "hd95=3",
+                        "-o", tmp_path / "m.csv")
+    assert not_computed.exit_code == 2 and "threshold on hd95: not computed" in not_computed.output
+    assert not (tmp_path / "m.csv").exists()  # refused before any work
+    broken = rnca("evaluate", "--pred", tmp_path / "missing", "--gt", gt, "--fail-under", "dice=0.5")
+    assert broken.exit_code == 1
 
 
 def test_cli_metrics_subset_and_strict(tmp_path, folders):

@@ -56,4 +56,4 @@ def test_cli_synth_writes_matching_triples_and_preview(tmp_path):
 
 def test_cli_synth_bad_kind():
     result = CliRunner().invoke(app, ["synth", "--kind", "trees", "--n", "1", "--out", "unused"])
-    assert result.exit_code == 1 and "unknown kind 'trees'; valid: vessels, rings, blobs" in result.output
+    assert result.exit_code == 2 and "unknown kind 'trees'; valid: vessels, rings, blobs" in result.output
