@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rnca_cli import RncaError, inference, kernels, load_model, synth, train
 from rnca_cli.device import keep_freed_memory, resolve_device

@@ -1,6 +1,6 @@
 """Folder evaluation: per-case metrics into CSV, summaries, baseline comparison, CI thresholds.
 
-Binarisation is the same for every mask (DESIGN §6): a mask with two values by "nonzero"; a soft
+Binarisation is the same for every mask: a mask with two values by "nonzero"; a soft
 prediction (more values, read as probability by ``rnca_cli.io.read_mask``) at ``threshold``; a
 multi-label mask only with ``label``. Ground truth must be binary (or a label map with ``label``):
 a soft ground truth is refused. Spacing comes from NIfTI header zooms (1 per axis for 2D images);

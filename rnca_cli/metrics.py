@@ -1,8 +1,8 @@
 """Metric functions on binary numpy masks, 2D or 3D. Pure: no I/O, no state.
 
 Inputs are arrays of equal shape where nonzero means foreground (binarise soft masks first; see
-``rnca_cli.evaluate``). ``spacing`` is the voxel size per axis (default 1). Conventions are those of
-DESIGN §6, chosen to agree with MONAI, MetricsReloaded and the clDice authors' code:
+``rnca_cli.evaluate``). ``spacing`` is the voxel size per axis (default 1). The conventions are
+chosen to agree with MONAI, MetricsReloaded and the clDice authors' code:
 
 * every mask is padded by one background voxel before surfaces, skeletons and components are
   computed, so the image border is never a surface and never closes a hole;

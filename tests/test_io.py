@@ -1,4 +1,4 @@
-"""Reading, writing and pairing files (DESIGN §5)."""
+"""Reading, writing and pairing files (rnca_cli.io)."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def test_atomic_write_os_error_names_the_target_and_keeps_the_old_file(tmp_path,
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io.os, "replace", full_disk)
+    monkeypatch.setattr(io.atomic.os, "replace", full_disk)
     with pytest.raises(OutputError, match="No space left on device") as info:
         with io.atomic_path(target) as tmp:
             tmp.write_text("new")
@@ -229,7 +229,7 @@ def test_atomic_write_where_no_file_can_be_made(tmp_path, monkeypatch):
     def refused(**kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(io.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(io.atomic.tempfile, "mkstemp", refused)
     with pytest.raises(OutputError, match=r"out\.png: cannot write in .*Permission denied"):
         with io.atomic_path(tmp_path / "out.png"):
             pass
@@ -251,3 +251,36 @@ def test_atomic_write_gives_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name, fmt, volume, writable", [
+    ("a.nii.gz", "NIfTI", True, True), ("A.NII", "NIfTI", True, True), ("a.png", "PNG", False, True),
+    ("a.tiff", "TIFF", False, True), ("a.tif", "TIFF", False, True), ("a.jpg", "2D image (read only)", False, False),
+    ("a.gif", "2D image (read only)", False, False),
+])
+def test_the_suffix_registry_picks_each_format(name, fmt, volume, writable):
+    found = io.format_of(name)
+    assert (found.name, found.volume, found.write is not None) == (fmt, volume, writable)
+    assert io.case_id(name) == name.split(".")[0]
+
+
+def test_a_new_format_is_one_registration(tmp_path, monkeypatch):
+    """A format registered by suffix is read, paired and written like the built-in ones."""
+    def read(path):
+        return np.load(path), {}
+
+    def write(path, data, meta):
+        with open(path, "wb") as f:  # np.save would add ".npy" to the temporary name
+            np.save(f, data)
+
+    npy = io.Format("NumPy", (".npy",), False, read, lambda p: np.load(p, mmap_mode="r").shape[:2], write)
+    monkeypatch.setattr(io.formats, "FORMATS", dict(io.FORMATS))
+    io.register(npy)
+    mask = np.zeros((5, 6), np.uint8)
+    mask[1:3, 2:4] = 1
+    np.save(tmp_path / "case.npy", mask)
+    loaded = io.read_mask(tmp_path / "case.npy")
+    assert io.peek_shape(tmp_path / "case.npy") == (5, 6) and loaded.data.sum() == 4
+    assert io.list_files(tmp_path) == [tmp_path / "case.npy"]
+    io.write_mask(tmp_path / "out.npy", loaded.data > 0, loaded)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), mask * 255)

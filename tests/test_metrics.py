@@ -1,4 +1,4 @@
-"""Metric functions: tables of hand-computed cases (DESIGN §6) and invariants."""
+"""Metric functions: tables of hand-computed cases and invariants."""
 
 from __future__ import annotations
 

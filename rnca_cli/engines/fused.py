@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..constants import BLOCK, MAX_FEATURES, MAX_FILTERS, RING, SPARSE_BELOW, STEP_SHIFT
+from ..constants import BLOCK, MAX_FEATURES, MAX_FILTERS, RING, STEP_SHIFT
 from ..model import RNCA, fire_threshold
 from . import Engine, precision_dtype, rows as R
 

@@ -1,0 +1,26 @@
+"""Files in and out, by concern:
+
+* :mod:`.formats`: the suffix registry of readers and writers (PNG, TIFF, other 2D images, NIfTI);
+* :mod:`.masks`: stored values read as intensities and probabilities, results written back in the
+  input's geometry;
+* :mod:`.atomic`: every write to a temporary file renamed into place, OS failures as one line;
+* :mod:`.pairing`: folders of cases paired by case id.
+
+The names below are the package's interface; callers use ``from rnca_cli import io``.
+"""
+
+from ..errors import InputError, OutputError
+from .atomic import atomic_path, check_writable, make_folder, write_csv
+from .formats import (
+    FORMATS, IMAGE_SUFFIXES, LOSSLESS_2D, NIFTI_SUFFIXES, SUPPORTED_SUFFIXES, Format, case_id, format_of, is_nifti,
+    peek_shape, register, suffix_of,
+)
+from .masks import Loaded, output_suffix, read_image, read_images, read_mask, write_mask
+from .pairing import Case, Pairing, list_files, pair_folders
+
+__all__ = [
+    "FORMATS", "IMAGE_SUFFIXES", "LOSSLESS_2D", "NIFTI_SUFFIXES", "SUPPORTED_SUFFIXES", "Case", "Format",
+    "InputError", "Loaded", "OutputError", "Pairing", "atomic_path", "case_id", "check_writable", "format_of",
+    "is_nifti", "list_files", "make_folder", "output_suffix", "pair_folders", "peek_shape", "read_image",
+    "read_images", "read_mask", "register", "suffix_of", "write_csv", "write_mask",
+]
