@@ -378,9 +378,37 @@ static int parse_grid(Grid *g, long long hr, long long wr, long long k) {
     return 1;
 }
 
+/* Index checks, cheap next to the work (rnca_cli/kernels.py checks dtypes, shapes and layouts). */
+static int ids_below(const int64_t *ids, long long n, long long limit, const char *what) {
+    for (long long j = 0; j < n; ++j)
+        if (ids[j] < 0 || ids[j] >= limit) {
+            PyErr_Format(PyExc_ValueError, "%s must lie in [0, %lld)", what, limit);
+            return 0;
+        }
+    return 1;
+}
+
+static int rows_ascend(const int64_t *rows, long long m, long long limit, const char *kernel) {
+    for (long long j = 0; j < m; ++j)
+        if (rows[j] < 0 || rows[j] >= limit || (j && rows[j] <= rows[j - 1])) {
+            PyErr_Format(PyExc_ValueError, "%s: rows must ascend and lie in [0, %lld)", kernel, limit);
+            return 0;
+        }
+    return 1;
+}
+
+/* Blocks in a buffer of ``cells`` rows, or -1 (an error set) when ``cells`` is not whole images. */
+static long long block_count(const Grid *g, long long cells) {
+    if (cells <= 0 || cells % (g->hr * g->wr)) {
+        PyErr_SetString(PyExc_ValueError, "the buffer is not whole images of the grid");
+        return -1;
+    }
+    return cells / (g->hr * g->wr) * g->nby * g->nbx;
+}
+
 PyDoc_STRVAR(select_doc,
 "select(bright, keys, inside, hr, wr, k, blocks, nb, step, limit, fire_all, fire_none, todo, pre, counts,\n"
-"       threads) -> (cells to update, alive cells)\n\n"
+"       threads, cells) -> (cells to update, alive cells)\n\n"
 "For each of the nb int64 block ids at ``blocks``: todo and pre (16 uint32 bit rows each) and\n"
 "counts (int64). ``step`` is t * 2^40, ``limit`` the update-mask hash limit.");
 
@@ -390,10 +418,13 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     Rule rule;
     int threads;
     Grid g;
-    if (!PyArg_ParseTuple(args, "KKKLLLKLKKiiKKKi", &bright, &keys, &inside, &hr, &wr, &k, &blocks, &nb, &rule.step,
-                          &rule.limit, &rule.fire_all, &rule.fire_none, &todo, &pre, &counts, &threads) ||
+    long long cells;
+    if (!PyArg_ParseTuple(args, "KKKLLLKLKKiiKKKiL", &bright, &keys, &inside, &hr, &wr, &k, &blocks, &nb, &rule.step,
+                          &rule.limit, &rule.fire_all, &rule.fire_none, &todo, &pre, &counts, &threads, &cells) ||
         !parse_grid(&g, hr, wr, k))
         return NULL;
+    long long nblocks = block_count(&g, cells);
+    if (nblocks < 0 || !ids_below((const int64_t *)blocks, nb, nblocks, "select: blocks")) return NULL;
     int64_t total = 0, alive = 0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(static) reduction(+ : total, alive) num_threads(threads)
@@ -409,7 +440,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(gather_doc,
-"gather(buf, patches, np, filters, nf, hr, wr, k, blocks, nb, todo, counts, x, states, rows, threads)\n\n"
+"gather(buf, patches, np, filters, nf, hr, wr, k, blocks, nb, todo, counts, x, states, rows, threads, cells,\n"
+"       capacity)\n\n"
 "Writes the MLP input rows x (M, nf*k + np), the states (M, k) and the buffer rows (M,) of the\n"
 "cells ``select`` chose, block by block in the order of ``blocks``.");
 
@@ -418,10 +450,18 @@ static PyObject *py_gather(PyObject *self, PyObject *args) {
     long long np, hr, wr, k, nb;
     int nf, threads;
     Grid g;
-    if (!PyArg_ParseTuple(args, "KKLKiLLLKLKKKKKi", &buf, &patches, &np, &filters, &nf, &hr, &wr, &k, &blocks,
-                          &nb, &todo, &counts, &x, &states, &rows, &threads) ||
+    long long cells, capacity;
+    if (!PyArg_ParseTuple(args, "KKLKiLLLKLKKKKKiLL", &buf, &patches, &np, &filters, &nf, &hr, &wr, &k, &blocks,
+                          &nb, &todo, &counts, &x, &states, &rows, &threads, &cells, &capacity) ||
         !parse_grid(&g, hr, wr, k))
         return NULL;
+    long long nblocks = block_count(&g, cells), total = 0;
+    if (nblocks < 0 || !ids_below((const int64_t *)blocks, nb, nblocks, "gather: blocks")) return NULL;
+    for (long long j = 0; j < nb; ++j) total += ((const int64_t *)counts)[j];
+    if (total > capacity) {
+        PyErr_Format(PyExc_ValueError, "gather: %lld rows chosen, the outputs hold %lld", total, capacity);
+        return NULL;
+    }
     if (nf < 1 || nf > MAX_FILTERS || nf * k > MAX_FEATURES) {
         PyErr_SetString(PyExc_ValueError, "gather takes 1-4 filters and at most 256 features");
         return NULL;
@@ -446,7 +486,8 @@ static PyObject *py_gather(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(scatter_doc,
-"scatter(buf, bright, inside, hr, wr, k, blocks, nb, states, rows, m, pre, thr, keep, flags, reach, threads)\n\n"
+"scatter(buf, bright, inside, hr, wr, k, blocks, nb, states, rows, m, pre, thr, keep, flags, reach, threads,\n"
+"        cells)\n\n"
 "Writes the m new states into the buffer and their bright flags (visible >= thr), clears the\n"
 "blocks' cells not alive both before (pre) and after the update (their flags too), and sets\n"
 "and after the update, and sets reach (B*nby*nbx bytes, zeroed by the caller) to 1 for the\n"
@@ -458,9 +499,14 @@ static PyObject *py_scatter(PyObject *self, PyObject *args) {
     float thr;
     int threads;
     Grid g;
-    if (!PyArg_ParseTuple(args, "KKKLLLKLKKLKfKKKi", &buf, &bright, &inside, &hr, &wr, &k, &blocks, &nb, &states,
-                          &rows, &m, &pre, &thr, &keep, &flags, &reach, &threads) ||
+    long long cells;
+    if (!PyArg_ParseTuple(args, "KKKLLLKLKKLKfKKKiL", &buf, &bright, &inside, &hr, &wr, &k, &blocks, &nb, &states,
+                          &rows, &m, &pre, &thr, &keep, &flags, &reach, &threads, &cells) ||
         !parse_grid(&g, hr, wr, k))
+        return NULL;
+    long long nblocks = block_count(&g, cells);
+    if (nblocks < 0 || !ids_below((const int64_t *)blocks, nb, nblocks, "scatter: blocks") ||
+        !ids_below((const int64_t *)rows, m, cells, "scatter: rows"))
         return NULL;
     float *state = (float *)buf;
     uint8_t *bright_cells = (uint8_t *)bright;
@@ -515,7 +561,8 @@ static PyObject *py_perceive_rows(PyObject *self, PyObject *args) {
     unsigned long long state, rows, filters, out;
     long long b, h, w, k, m;
     int nf, threads;
-    if (!PyArg_ParseTuple(args, "KLLLLKLKiKi", &state, &b, &h, &w, &k, &rows, &m, &filters, &nf, &out, &threads))
+    if (!PyArg_ParseTuple(args, "KLLLLKLKiKi", &state, &b, &h, &w, &k, &rows, &m, &filters, &nf, &out, &threads) ||
+        !rows_ascend((const int64_t *)rows, m, b * h * w, "perceive_rows"))
         return NULL;
     if (nf < 1 || nf > MAX_FILTERS || nf * k > MAX_FEATURES) {
         PyErr_SetString(PyExc_ValueError, "perceive_rows takes 1-4 filters and at most 256 features");
@@ -555,11 +602,7 @@ static PyObject *py_perceive_rows_backward(PyObject *self, PyObject *args) {
                           &grad_state, &grad_filters, &threads))
         return NULL;
     const int64_t *cells = (const int64_t *)rows;
-    for (long long j = 1; j < m; ++j)
-        if (cells[j] <= cells[j - 1]) {
-            PyErr_SetString(PyExc_ValueError, "perceive_rows_backward: rows must ascend");
-            return NULL;
-        }
+    if (!rows_ascend(cells, m, b * h * w, "perceive_rows_backward")) return NULL;
     /* One partial filter gradient per image, summed in image order afterwards: the result is the
      * same at any thread count (adding per-thread sums as threads finish was not reproducible). */
     int64_t size = nf * 9 * k;

@@ -92,14 +92,10 @@ def keep_freed_memory() -> bool:
     whether the setting took effect; it is process-wide, so the ``rnca`` command sets it at start
     and the library never does.
 
-    With glibc's defaults every block of 32 MB or more (a dense step's perception maps on a large
-    tile) is mapped on allocation and unmapped when freed, and the next step faults the same
-    memory in again page by page. Measured on the 2-core development machine, fresh processes, the
-    rings model, 64 steps: a 584x565 image 3.9-4.9 -> 2.9-3.3 s (830,000-880,000 -> 100,000 minor
-    faults); a 4096x4096 image 65 -> 50 s at 1.02 -> 1.08-1.20 GiB peak RSS; a 256^3 volume
-    57 -> 42 s at 0.75 -> 0.87-0.89 GiB; ``rnca train`` unchanged. The price is that memory freed
-    after the peak stays with the process until it exits, which a command that ends after its job
-    does not mind.
+    Why: with glibc's defaults every block of 32 MB or more (a dense step's perception maps on a
+    large tile) is mapped when allocated and unmapped when freed, so the next step faults the same
+    memory in again page by page (``benchmarks/SPEED.md`` has the figures). Memory freed after the
+    peak stays with the process until it exits, which a command that ends after its job does not mind.
 
     Nothing is changed (False) off glibc, or when the user set glibc's malloc options in the
     environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or

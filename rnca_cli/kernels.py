@@ -1,9 +1,10 @@
 """The typed boundary of the compiled CPU kernels (``_fused.c``): one checking wrapper per kernel.
 
 The C functions take raw pointers. Every call goes through a wrapper here that checks each
-tensor's device (CPU), dtype, contiguity, shape and, for index tensors, range, and raises
-``ValueError`` naming the kernel and the argument, so that a mistake never reaches C as a bad
-pointer. The kernels are compiled with the numbers of :mod:`rnca_cli.constants` and report them;
+tensor's device (CPU), dtype, contiguity and shape, and raises ``ValueError`` naming the kernel
+and the argument, so that a mistake never reaches C as a bad pointer; the C code checks the index
+values (block ids, rows) before using them. The step kernels' buffers are checked once per
+rollout (:class:`StepKernels`). The kernels are compiled with the numbers of :mod:`rnca_cli.constants` and report them;
 a build from other numbers is not used. :func:`status` says whether the kernels can run, and why
 not.
 """
@@ -41,10 +42,9 @@ def openmp() -> bool:
     return _fused is not None and bool(_fused.openmp())
 
 
-def _check(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple | None = None,
-           rows_at_least: int | None = None) -> None:
-    """Refuse a tensor the C code would misread: not a CPU tensor of ``dtype``, not contiguous,
-    not of ``shape`` (None entries match anything), or with fewer than ``rows_at_least`` rows."""
+def _check(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple | None = None) -> None:
+    """Refuse a tensor the C code would misread: not a CPU tensor of ``dtype``, not contiguous, or
+    not of ``shape`` (None entries match anything)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{kernel}: {name} must be a tensor, not {type(t).__name__}")
     if t.device.type != "cpu":
@@ -56,26 +56,17 @@ def _check(kernel: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: t
     if shape is not None and (t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape))):
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{kernel}: {name} must have shape {want}, not {tuple(t.shape)}")
-    if rows_at_least is not None and t.shape[0] < rows_at_least:
-        raise ValueError(f"{kernel}: {name} has {t.shape[0]} rows, needs {rows_at_least}")
 
 
-def _check_ids(kernel: str, name: str, t: torch.Tensor, limit: int) -> None:
-    """int64 ids in [0, limit)."""
-    _check(kernel, name, t, torch.int64, (None,))
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= limit):
-        raise ValueError(f"{kernel}: {name} must lie in [0, {limit})")
-
-
-def _grid(kernel: str, cells: int, hr: int, wr: int, k: int) -> tuple[int, int]:
-    """(cells per image, blocks in all) of a buffer grid; refuses one that is not whole blocks
-    plus the zero ring, or that ``cells`` does not fill."""
+def _grid(kernel: str, cells: int, hr: int, wr: int, k: int) -> int:
+    """Blocks in a buffer grid of ``cells`` rows; refuses one that is not whole blocks plus the
+    zero ring, or that ``cells`` does not fill."""
     core_h, core_w = hr - 2 * C.RING, wr - 2 * C.RING
     if core_h < C.BLOCK or core_w < C.BLOCK or core_h % C.BLOCK or core_w % C.BLOCK or k < 1:
         raise ValueError(f"{kernel}: a {hr}x{wr} buffer is not whole {C.BLOCK}x{C.BLOCK} blocks plus a {C.RING}-cell ring")
     if cells % (hr * wr):
         raise ValueError(f"{kernel}: {cells} cells are not whole {hr}x{wr} images")
-    return hr * wr, cells // (hr * wr) * (core_h // C.BLOCK) * (core_w // C.BLOCK)
+    return cells // (hr * wr) * (core_h // C.BLOCK) * (core_w // C.BLOCK)
 
 
 def _check_filters(kernel: str, filters: torch.Tensor, k: int) -> int:
@@ -87,82 +78,81 @@ def _check_filters(kernel: str, filters: torch.Tensor, k: int) -> int:
     return nf
 
 
-def select(bright: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor, hr: int, wr: int, k: int,
-           blocks: torch.Tensor, step: int, limit: int, fire_all: bool, fire_none: bool, todo: torch.Tensor,
-           pre: torch.Tensor, counts: torch.Tensor, threads: int) -> tuple[int, int]:
-    """Per block of ``blocks``: the cells to update (``todo``) and alive before the step (``pre``),
-    16 bit rows each, and ``counts``. bright, inside: uint8 per buffer row; keys: int64 per buffer
-    row; ``step`` is t << STEP_SHIFT, ``limit`` the fire threshold << STEP_SHIFT. Returns (cells
-    to update, alive cells)."""
-    n = bright.numel()
-    _, nblocks = _grid("select", n, hr, wr, k)
-    _check("select", "bright", bright, torch.uint8, (n,))
-    _check("select", "keys", keys, torch.int64, (n,))
-    _check("select", "inside", inside, torch.uint8, (n,))
-    _check_ids("select", "blocks", blocks, nblocks)
-    nb = len(blocks)
-    _check("select", "todo", todo, torch.int32, (None, C.BLOCK), nb)
-    _check("select", "pre", pre, torch.int32, (None, C.BLOCK), nb)
-    _check("select", "counts", counts, torch.int64, (None,), nb)
-    return _fused.select(bright.data_ptr(), keys.data_ptr(), inside.data_ptr(), hr, wr, k, blocks.data_ptr(), nb,
-                         step, limit, int(fire_all), int(fire_none), todo.data_ptr(), pre.data_ptr(),
-                         counts.data_ptr(), threads)
+class StepKernels:
+    """The three kernels of one inference step (select, gather, scatter) on the buffers of one
+    rollout. The buffers are checked once here and held; each call checks only what changes from
+    step to step. The C code checks the index values it is given (block ids and rows in range,
+    the chosen rows within the outputs), a pass over a few numbers next to the work.
 
+    flat (N, K) float32: the state, one row per buffer cell of a (B, hr, wr) grid; bright, inside
+    (N,) uint8; keys (N,) int64; patches (N, P) float32; filters (F, 9, K) float32; per block of
+    the grid: todo, pre, keep (nblocks, 16) int32 bit rows, flags (nblocks, 9) uint8, counts
+    (nblocks,) int64 scratch, and reach (nblocks,) bool.
+    """
 
-def gather(flat: torch.Tensor, patches: torch.Tensor, filters: torch.Tensor, hr: int, wr: int,
-           blocks: torch.Tensor, todo: torch.Tensor, counts: torch.Tensor, m: int, x: torch.Tensor,
-           states: torch.Tensor, rows: torch.Tensor, threads: int) -> None:
-    """The MLP input rows ``x`` (m, F*K + P), ``states`` (m, K) and buffer ``rows`` (m,) of the
-    ``m`` cells that :func:`select` chose (``counts`` per block), block by block."""
-    n, k = flat.shape
-    _, nblocks = _grid("gather", n, hr, wr, k)
-    _check("gather", "flat", flat, torch.float32, (n, k))
-    _check("gather", "patches", patches, torch.float32, (n, None))
-    nf = _check_filters("gather", filters, k)
-    _check_ids("gather", "blocks", blocks, nblocks)
-    nb = len(blocks)
-    _check("gather", "todo", todo, torch.int32, (None, C.BLOCK), nb)
-    _check("gather", "counts", counts, torch.int64, (None,), nb)
-    if int(counts[:nb].sum()) != m:
-        raise ValueError(f"gather: the blocks' counts add up to {int(counts[:nb].sum())}, not {m}")
-    _check("gather", "x", x, torch.float32, (None, nf * k + patches.shape[1]), m)
-    _check("gather", "states", states, torch.float32, (None, k), m)
-    _check("gather", "rows", rows, torch.int64, (None,), m)
-    _fused.gather(flat.data_ptr(), patches.data_ptr(), patches.shape[1], filters.data_ptr(), nf, hr, wr, k,
-                  blocks.data_ptr(), nb, todo.data_ptr(), counts.data_ptr(), x.data_ptr(), states.data_ptr(),
-                  rows.data_ptr(), threads)
+    def __init__(self, flat, bright, keys, inside, patches, filters, hr: int, wr: int, todo, pre, keep, flags,
+                 counts, reach):
+        if not isinstance(flat, torch.Tensor) or flat.dim() != 2:
+            raise ValueError("StepKernels: flat must be a (cells, channels) tensor")
+        n, k = flat.shape
+        self.nblocks = _grid("StepKernels", n, hr, wr, k)
+        for name, t, dtype, shape in [
+            ("flat", flat, torch.float32, (n, k)), ("bright", bright, torch.uint8, (n,)),
+            ("keys", keys, torch.int64, (n,)), ("inside", inside, torch.uint8, (n,)),
+            ("patches", patches, torch.float32, (n, None)), ("todo", todo, torch.int32, (self.nblocks, C.BLOCK)),
+            ("pre", pre, torch.int32, (self.nblocks, C.BLOCK)), ("keep", keep, torch.int32, (self.nblocks, C.BLOCK)),
+            ("flags", flags, torch.uint8, (self.nblocks, 9)), ("counts", counts, torch.int64, (self.nblocks,)),
+            ("reach", reach, torch.bool, (self.nblocks,)),
+        ]:
+            _check("StepKernels", name, t, dtype, shape)
+        self.nf = _check_filters("StepKernels", filters, k)
+        self.flat, self.bright, self.keys, self.inside, self.patches = flat, bright, keys, inside, patches
+        self.filters, self.todo, self.pre, self.keep, self.flags = filters, todo, pre, keep, flags
+        self.counts, self.reach = counts, reach
+        self.hr, self.wr, self.k, self.n = hr, wr, k, n
+        self.width = self.nf * k + patches.shape[1]  # MLP input row: [perception, patch]
 
+    def select(self, blocks: torch.Tensor, step: int, limit: int, fire_all: bool, fire_none: bool,
+               threads: int) -> tuple[int, int]:
+        """Per block of ``blocks``: the cells to update (``todo``) and alive before the step
+        (``pre``), and ``counts``. ``step`` is t << STEP_SHIFT, ``limit`` the fire threshold <<
+        STEP_SHIFT. Returns (cells to update, alive cells)."""
+        _check("select", "blocks", blocks, torch.int64, (None,))
+        return _fused.select(self.bright.data_ptr(), self.keys.data_ptr(), self.inside.data_ptr(), self.hr, self.wr,
+                             self.k, blocks.data_ptr(), len(blocks), step, limit, int(fire_all), int(fire_none),
+                             self.todo.data_ptr(), self.pre.data_ptr(), self.counts.data_ptr(), threads, self.n)
 
-def scatter(flat: torch.Tensor, bright: torch.Tensor, inside: torch.Tensor, hr: int, wr: int,
-            blocks: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, pre: torch.Tensor, thr: float,
-            keep: torch.Tensor, flags: torch.Tensor, reach: torch.Tensor, threads: int) -> None:
-    """Write the new ``states`` at buffer ``rows`` and their bright flags, clear the blocks' cells
-    not alive before (``pre``) and after, and set ``reach`` (zeroed by the caller) for the blocks
-    the next step can change. ``keep`` and ``flags`` are scratch."""
-    n, k = flat.shape
-    _, nblocks = _grid("scatter", n, hr, wr, k)
-    _check("scatter", "flat", flat, torch.float32, (n, k))
-    _check("scatter", "bright", bright, torch.uint8, (n,))
-    _check("scatter", "inside", inside, torch.uint8, (n,))
-    _check_ids("scatter", "blocks", blocks, nblocks)
-    nb, m = len(blocks), len(rows)
-    _check("scatter", "states", states, torch.float32, (None, k), m)
-    _check_ids("scatter", "rows", rows, n)
-    _check("scatter", "pre", pre, torch.int32, (None, C.BLOCK), nb)
-    _check("scatter", "keep", keep, torch.int32, (None, C.BLOCK), nb)
-    _check("scatter", "flags", flags, torch.uint8, (None, 9), nb)
-    _check("scatter", "reach", reach, torch.bool, (nblocks,))
-    _fused.scatter(flat.data_ptr(), bright.data_ptr(), inside.data_ptr(), hr, wr, k, blocks.data_ptr(), nb,
-                   states.data_ptr(), rows.data_ptr(), m, pre.data_ptr(), thr, keep.data_ptr(), flags.data_ptr(),
-                   reach.data_ptr(), threads)
+    def gather(self, blocks: torch.Tensor, x: torch.Tensor, states: torch.Tensor, rows: torch.Tensor,
+               threads: int) -> None:
+        """The MLP input rows ``x`` (M, F*K + P), ``states`` (M, K) and buffer ``rows`` (M,) of the
+        cells :meth:`select` chose, block by block; M is at least their number."""
+        _check("gather", "blocks", blocks, torch.int64, (None,))
+        m = len(x)
+        _check("gather", "x", x, torch.float32, (m, self.width))
+        _check("gather", "states", states, torch.float32, (m, self.k))
+        _check("gather", "rows", rows, torch.int64, (m,))
+        _fused.gather(self.flat.data_ptr(), self.patches.data_ptr(), self.patches.shape[1], self.filters.data_ptr(),
+                      self.nf, self.hr, self.wr, self.k, blocks.data_ptr(), len(blocks), self.todo.data_ptr(),
+                      self.counts.data_ptr(), x.data_ptr(), states.data_ptr(), rows.data_ptr(), threads, self.n, m)
+
+    def scatter(self, blocks: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, thr: float, threads: int) -> None:
+        """Write the new ``states`` at buffer ``rows`` and their bright flags, clear the blocks'
+        cells not alive before (``pre``) and after, and set ``reach`` (zeroed by the caller) for
+        the blocks the next step can change."""
+        _check("scatter", "blocks", blocks, torch.int64, (None,))
+        m = len(rows)
+        _check("scatter", "states", states, torch.float32, (m, self.k))
+        _check("scatter", "rows", rows, torch.int64, (m,))
+        _fused.scatter(self.flat.data_ptr(), self.bright.data_ptr(), self.inside.data_ptr(), self.hr, self.wr, self.k,
+                       blocks.data_ptr(), len(blocks), states.data_ptr(), rows.data_ptr(), m, self.pre.data_ptr(), thr,
+                       self.keep.data_ptr(), self.flags.data_ptr(), self.reach.data_ptr(), threads, self.n)
 
 
 def _check_rows(kernel: str, cells: torch.Tensor, rows: torch.Tensor, filters: torch.Tensor) -> int:
-    """Checks of the training kernels: cells (B, H, W, K) float32, rows pixel ids ascending."""
+    """Checks of the training kernels: cells (B, H, W, K) float32, rows int64 (the C code checks
+    that they ascend and lie in the image)."""
     _check(kernel, "cells", cells, torch.float32, (None, None, None, None))
-    _check_ids(kernel, "rows", rows, cells.shape[0] * cells.shape[1] * cells.shape[2])
-    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
-        raise ValueError(f"{kernel}: rows must ascend")
+    _check(kernel, "rows", rows, torch.int64, (None,))
     return _check_filters(kernel, filters, cells.shape[3])
 
 

@@ -154,7 +154,7 @@ def perceive_args(**change):
     ({"cells": torch.zeros(2, 6, 6, 16, dtype=torch.float64)}, "cells must be torch.float32, not torch.float64"),
     ({"cells": torch.zeros(2, 6, 16, 6).transpose(2, 3)}, "cells must be contiguous"),
     ({"cells": torch.zeros(2, 6, 6)}, r"cells must have shape \(\*, \*, \*, \*\)"),
-    ({"rows": torch.tensor([0, 7, 72])}, r"rows must lie in \[0, 72\)"),
+    ({"rows": torch.tensor([0, 7, 72])}, r"rows must ascend and lie in \[0, 72\)"),  # checked in C
     ({"rows": torch.tensor([0, 7, 40], dtype=torch.int32)}, "rows must be torch.int64"),
     ({"rows": torch.tensor([7, 0, 40])}, "rows must ascend"),
     ({"filters": torch.zeros(5, 9, 16)}, "takes 1-4 filters"),
@@ -168,20 +168,47 @@ def test_kernels_refuse_tensors_the_c_code_would_misread(change, message):
     kernels.perceive_rows(**perceive_args())  # the valid call runs
 
 
+def step_buffers(**change):
+    """Valid buffers of kernels.StepKernels: one image of one 16x16 block plus its ring, 4
+    channels, 3 filters, with ``change`` replacing some."""
+    n = 20 * 20
+    args = {"flat": torch.zeros(n, 4), "bright": torch.zeros(n, dtype=torch.uint8),
+            "keys": torch.zeros(n, dtype=torch.int64), "inside": torch.ones(n, dtype=torch.uint8),
+            "patches": torch.zeros(n, 10), "filters": torch.zeros(3, 9, 4), "hr": 20, "wr": 20,
+            "todo": torch.zeros(1, 16, dtype=torch.int32), "pre": torch.zeros(1, 16, dtype=torch.int32),
+            "keep": torch.zeros(1, 16, dtype=torch.int32), "flags": torch.zeros(1, 9, dtype=torch.uint8),
+            "counts": torch.zeros(1, dtype=torch.int64), "reach": torch.zeros(1, dtype=torch.bool)}
+    return {**args, **change}
+
+
 @requires_kernels
-def test_step_kernels_refuse_a_bad_grid_and_out_of_range_blocks():
-    n = 1 * 20 * 20  # one image of one block plus its ring
-    bright, keys, inside = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.uint8)
-    todo, pre, counts = torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, 16, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
-    call = lambda hr, blocks, keys=keys: kernels.select(bright, keys, inside, hr, 20, 16, blocks, 0, 0, False, False,  # noqa: E731
-                                                        todo, pre, counts, 1)
-    assert call(20, torch.tensor([0])) == (0, 0)  # nothing bright: nothing alive or to update
-    with pytest.raises(ValueError, match="select: a 19x20 buffer is not whole 16x16 blocks"):
-        call(19, torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"select: blocks must lie in \[0, 1\)"):
-        call(20, torch.tensor([1]))
-    with pytest.raises(ValueError, match="select: keys must be torch.int64"):
-        call(20, torch.tensor([0]), keys=keys.to(torch.int32))
+@pytest.mark.parametrize("change, message", [
+    ({"hr": 19}, "a 19x20 buffer is not whole 16x16 blocks"),
+    ({"keys": torch.zeros(400, dtype=torch.int32)}, "keys must be torch.int64"),
+    ({"bright": torch.zeros(399, dtype=torch.uint8)}, r"bright must have shape \(400\)"),
+    ({"todo": torch.zeros(2, 16, dtype=torch.int32)}, r"todo must have shape \(1, 16\)"),
+    ({"reach": torch.zeros(1, dtype=torch.uint8)}, "reach must be torch.bool"),
+])
+def test_step_kernels_refuse_bad_buffers(change, message):
+    with pytest.raises(ValueError, match="StepKernels: " + message):
+        kernels.StepKernels(**step_buffers(**change))
+
+
+@requires_kernels
+def test_step_kernels_refuse_bad_blocks_and_rows_before_touching_memory():
+    step = kernels.StepKernels(**step_buffers())
+    assert step.select(torch.tensor([0]), 0, 0, False, False, 1) == (0, 0)  # nothing bright: nothing to do
+    with pytest.raises(ValueError, match=r"select: blocks must lie in \[0, 1\)"):  # checked in C
+        step.select(torch.tensor([1]), 0, 0, False, False, 1)
+    with pytest.raises(ValueError, match="select: blocks must be torch.int64"):
+        step.select(torch.tensor([0], dtype=torch.int32), 0, 0, False, False, 1)
+    with pytest.raises(ValueError, match=r"gather: x must have shape \(2, 22\)"):  # 3 x 4 features + 10 patch
+        step.gather(torch.tensor([0]), torch.zeros(2, 21), torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64), 1)
+    step.counts[0] = 5  # five cells chosen, room for two
+    with pytest.raises(ValueError, match="gather: 5 rows chosen, the outputs hold 2"):
+        step.gather(torch.tensor([0]), torch.zeros(2, 22), torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match=r"scatter: rows must lie in \[0, 400\)"):
+        step.scatter(torch.tensor([0]), torch.zeros(1, 4), torch.tensor([400]), 0.1, 1)
 
 
 @requires_kernels

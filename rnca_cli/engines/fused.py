@@ -99,13 +99,13 @@ class FusedRun:
             w1, w2, b2 = R.mlp_weights(model, torch.float32)
             self.w1_t, self.fc2_t, self.fc2_bias = w1.t(), w2.t().contiguous(), b2.clone()
         n = b * self.shape[1] * self.shape[2]
-        self.todo = torch.empty(n, BLOCK, dtype=torch.int32)  # per-block scratch of the kernels: bit rows
-        self.pre = torch.empty(n, BLOCK, dtype=torch.int32)
-        self.keep = torch.empty(n, BLOCK, dtype=torch.int32)
-        self.flags = torch.empty(n, 9, dtype=torch.uint8)
-        self.counts = torch.empty(n, dtype=torch.int64)
         self.reach = torch.zeros(n, dtype=torch.bool)
-        self.x = torch.empty(0, cfg.filters * k + self.patches.shape[1])  # MLP input rows, grown on demand
+        self.kernels = kernels.StepKernels(  # checks every buffer once; the scratch is per block: bit rows
+            self.flat, self.bright, self.keys, self.inside, self.patches, self.filters, hr, wr,
+            todo=torch.empty(n, BLOCK, dtype=torch.int32), pre=torch.empty(n, BLOCK, dtype=torch.int32),
+            keep=torch.empty(n, BLOCK, dtype=torch.int32), flags=torch.empty(n, 9, dtype=torch.uint8),
+            counts=torch.empty(n, dtype=torch.int64), reach=self.reach)
+        self.x = torch.empty(0, self.kernels.width)  # MLP input rows, grown on demand
         self.states = torch.empty(0, k)
         self.rows = torch.empty(0, dtype=torch.int64)
 
@@ -122,23 +122,19 @@ class FusedRun:
         change). Returns (the blocks the next step can change, alive cells, updated cells)."""
         threads = torch.get_num_threads()
         blocks = blocks.contiguous()
-        m, alive = kernels.select(self.bright, self.keys, self.inside, self.hr, self.wr, self.k, blocks,
-                                  t << STEP_SHIFT, self.limit, self.fire_all, self.fire_none, self.todo, self.pre,
-                                  self.counts, threads)
+        m, alive = self.kernels.select(blocks, t << STEP_SHIFT, self.limit, self.fire_all, self.fire_none, threads)
         if m > len(self.x):  # reused across steps, grown with a quarter to spare
             rows = min(len(self.flat), m * 5 // 4)
             self.x, self.states = self.x.new_empty(rows, self.x.shape[1]), self.states.new_empty(rows, self.k)
             self.rows = self.rows.new_empty(rows)
         x, states, rows = self.x[:m], self.states[:m], self.rows[:m]
-        kernels.gather(self.flat, self.patches, self.filters, self.hr, self.wr, blocks, self.todo, self.counts, m,
-                       x, states, rows, threads)
+        self.kernels.gather(blocks, x, states, rows, threads)
         for chunk in R.row_chunks(m):  # the MLP: new state = state + fc2(relu(fc1 x)) + fc2 bias
             hidden = torch.mm(x[chunk], self.w1_t).relu_()
             torch.addmm(states[chunk], hidden, self.fc2_t, out=states[chunk])
         states.add_(self.fc2_bias)
         self.reach.zero_()
-        kernels.scatter(self.flat, self.bright, self.inside, self.hr, self.wr, blocks, states, rows, self.pre,
-                        self.thr, self.keep, self.flags, self.reach, threads)
+        self.kernels.scatter(blocks, states, rows, self.thr, threads)
         return self.reach, alive, m
 
 
