@@ -128,8 +128,12 @@ def describe() -> list[str]:
     from ..model import RNCA
 
     model, cpu = RNCA(), torch.device("cpu")
-    chosen = select_engine(cpu, torch.float32, model)
-    lines = []
+    try:
+        chosen = select_engine(cpu, torch.float32, model)
+    except UsageError as exc:  # RNCA_ENGINE names an engine that cannot run
+        chosen, lines = None, [f"RNCA_ENGINE: {exc}"]
+    else:
+        lines = []
     for engine in engines():
         why = engine.unavailable(cpu, torch.float32, model)
         state = "selected" if engine is chosen else ("available" if why is None else f"unavailable: {why}")
