@@ -4,7 +4,8 @@ A checkpoint is a plain dict saved with ``torch.save``::
 
     {"format": "rnca-checkpoint", "format_version": 1,
      "config": ModelConfig.to_dict(), "state_dict": {...tensors...},
-     "provenance": {"rnca_version", "created", "data", "iterations", ...}}
+     "provenance": {"rnca_version", "created", "data", "iterations", ...},
+     "training": {...}}  # only in a run's last.pt: what --resume continues from
 
 It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``:
 files that need arbitrary unpickling are refused, never executed.
@@ -63,9 +64,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: RNCA, provenance: dict[str, Any] | None = None
+    path: str | os.PathLike, model: RNCA, provenance: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` with its config and provenance atomically to ``path``."""
+    """Write ``model`` with its config and provenance atomically to ``path``; ``training``, if
+    given, is the state ``rnca train --resume`` continues from (tensors and plain values only)."""
     from . import __version__
 
     payload = {
@@ -79,6 +82,8 @@ def save_checkpoint(
             **(provenance or {}),
         },
     }
+    if training is not None:
+        payload["training"] = training
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -146,15 +146,20 @@ def _set_threads(threads: int) -> None:
 
 
 @command([
-    "rnca train --images data/images --labels data/labels --states data/coarse --out runs/rings",
-    "rnca train --images img --labels gt --states coarse --out runs/small --iterations 500 --batch 8 --val-cases 4",
+    "rnca train --images data/images --labels data/labels --states data/coarse -o runs/rings --val-fraction 0.1",
+    'rnca train --images img --labels gt --perturb "breaks:0.7,specks:0.5" -o runs/vessels --time-budget 45m',
+    "rnca train --images img --labels gt --perturb breaks:0.7 --resume runs/vessels --iterations 4000",
 ])
 def train(
     images: Annotated[Path, typer.Option(help="Folder of training images.")],
     labels: Annotated[Path, typer.Option(help="Folder of ground-truth masks, same case ids.")],
-    states: Annotated[Path, typer.Option(help="Folder of coarse masks to learn to repair, same case ids.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model.pt and log.csv are written here.")],
+    states: Annotated[Optional[Path], typer.Option(help="Folder of coarse masks to learn to repair, same case ids (or use --perturb).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: config.json, log.csv, last.pt, best.pt.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last.pt (same options and data).")] = None,
+    perturb: Annotated[Optional[str], typer.Option(help="rnca perturb recipe: pool refills corrupt the ground truth afresh.")] = None,
+    perturb_share: Annotated[Optional[float], typer.Option(help="Share of refills corrupted afresh (default 1 without --states, 0.5 with).", show_default=False)] = None,
     iterations: Annotated[int, typer.Option(help="Training iterations.")] = T.iterations,
+    time_budget: Annotated[Optional[str], typer.Option(help="Stop cleanly and save after this long, e.g. 45m, 2h, 90s.")] = None,
     pool: Annotated[int, typer.Option(help="Pool size (paper: 256).")] = T.pool,
     batch: Annotated[int, typer.Option(help="Samples per iteration (paper: 32).")] = T.batch,
     replace: Annotated[int, typer.Option(help="Batch samples restarted from fresh coarse masks (paper: 2).")] = T.replace,
@@ -164,12 +169,19 @@ def train(
         typer.Option(help="Loss step t* is drawn from [min-step, steps]; default: half of --steps (paper: 32 of 64)."),
     ] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-4).")] = T.lr,
+    schedule: Annotated[str, typer.Option(help="Learning rate: constant, or cosine down to 0 at --iterations.")] = T.schedule,
+    warmup: Annotated[int, typer.Option(help="Iterations of linear learning-rate warm-up.")] = T.warmup,
     clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = T.clip,
     patch: Annotated[int, typer.Option(help="Training patch size; larger inputs are cut with sliding windows.")] = T.patch,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap of patches.")] = T.overlap,
-    val_cases: Annotated[int, typer.Option(help="Hold out the last N cases (by case id) and report their Dice.")] = T.val_cases,
+    val_images: Annotated[Optional[Path], typer.Option(help="Folder of validation images (with --val-labels).")] = None,
+    val_labels: Annotated[Optional[Path], typer.Option(help="Folder of validation ground truths.")] = None,
+    val_states: Annotated[Optional[Path], typer.Option(help="Folder of validation coarse masks (default: corrupted by --perturb).")] = None,
+    val_cases: Annotated[int, typer.Option(help="Hold out the last N cases (by case id) for validation.")] = T.val_cases,
+    val_fraction: Annotated[float, typer.Option(help="Hold out this share of the cases (the last by case id).")] = T.val_fraction,
     val_every: Annotated[int, typer.Option(help="Validate every N iterations.")] = T.val_every,
-    save_every: Annotated[int, typer.Option(help="Write the checkpoint every N iterations.")] = T.save_every,
+    select: Annotated[str, typer.Option(help="Validation metric that keeps best.pt: betti_err, betti0_err, betti1_err, topology, cldice, dice, changed.")] = T.select,
+    save_every: Annotated[int, typer.Option(help="Write last.pt every N iterations.")] = T.save_every,
     channels: Annotated[Optional[int], typer.Option(help="State channels K. Default: the paper's 16.", show_default=False)] = None,
     hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the update MLP. Default: the paper's 128.", show_default=False)] = None,
     fire_rate: Annotated[Optional[float], typer.Option(help="Probability that a cell updates in a step. Default: the paper's 0.5.", show_default=False)] = None,
@@ -183,12 +195,16 @@ def train(
 ) -> None:
     """Train a refiner on images, ground truths and coarse masks (pool training, paper section 3.3)."""
     from .model import ModelConfig
+    from .options import parse_duration
     from .train import train_files
 
+    if (out is None) == (resume is None):
+        raise UsageError("give --out for a new run or --resume RUN_DIR to continue one")
     config = TrainConfig(
-        iterations=iterations, pool=pool, batch=batch, replace=replace, steps=steps, min_step=min_step,
-        lr=lr, clip=clip, patch=patch, overlap=overlap, val_cases=val_cases, val_every=val_every,
-        save_every=save_every, axis=axis, seed=seed,
+        iterations=iterations, time_budget=parse_duration(time_budget) if time_budget else None, pool=pool,
+        batch=batch, replace=replace, steps=steps, min_step=min_step, lr=lr, schedule=schedule, warmup=warmup,
+        clip=clip, patch=patch, overlap=overlap, perturb=perturb, perturb_share=perturb_share, val_cases=val_cases,
+        val_fraction=val_fraction, val_every=val_every, select=select, save_every=save_every, axis=axis, seed=seed,
     )
     given = {"channels": channels, "hidden": hidden, "fire_rate": fire_rate}
     model_config = ModelConfig(**{k: v for k, v in given.items() if v is not None})
@@ -205,12 +221,25 @@ def train(
         def report(p) -> None:
             info = f"loss {p.loss:.4f}  {p.its_per_sec:.2f} it/s"
             if p.val:
-                info += f"  val dice {p.val['val_dice_before']:.3f}->{p.val['val_dice_after']:.3f}"
+                info += f"  val dice {p.val['dice']:.3f} betti_err {p.val['betti_err']:.2f}"
             bar.update(task, completed=p.iteration, info=info)
 
-        ckpt = train_files(images, labels, states, out, config, model_config, label, device, overwrite, start, report)
+        ckpt = train_files(images, labels, states, out or resume, config, model_config, label, device, overwrite,
+                           start, report, resume is not None, val_images, val_labels, val_states)
     if not quiet:
-        err.print(f"wrote {ckpt} and {ckpt.parent / 'log.csv'}", highlight=False, markup=False)
+        final = ckpt.parent / "final.csv"
+        if final.exists():
+            import csv
+
+            with final.open() as f:
+                rows = list(csv.reader(f))
+            table = Table(title=Text(f"validation ({ckpt.parent})"), title_justify="left")
+            for name in rows[0]:
+                table.add_column(name, justify="left" if name == "masks" else "right")
+            for row in rows[1:]:
+                table.add_row(*row)
+            err.print(table)
+        err.print(f"wrote {ckpt.parent}: use {ckpt}", highlight=False, markup=False)
 
 
 @command([

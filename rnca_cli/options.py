@@ -45,25 +45,48 @@ class RefineOptions:
             raise UsageError(f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}")
 
 
+# --select choices: validation metric -> +1 (higher is better) or -1 (lower is better)
+SELECT_METRICS = {"betti_err": -1, "betti0_err": -1, "betti1_err": -1, "topology": 1, "cldice": 1, "dice": 1,
+                  "changed": -1}
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters; defaults are the paper's (Appendix A.1)."""
+    """Training hyper-parameters; defaults are the paper's (Appendix A.1) where it gives them.
+
+    ``time_budget`` (seconds) stops training cleanly, like ``iterations``. Validation cases are the
+    last ``val_cases`` by case id, or a ``val_fraction`` of them (or come from separate folders);
+    every ``val_every`` iterations they are refined at full size and scored, and ``best.pt`` keeps
+    the weights with the best ``select`` metric (:data:`SELECT_METRICS`; default ``betti_err``, the
+    topology errors, which Dice cannot see). ``perturb`` is an ``rnca perturb`` recipe: a pool refill
+    then corrupts the sample's ground truth afresh, with probability ``perturb_share`` (default 1
+    without stored coarse masks, 0.5 with them). ``schedule``: the learning rate is constant, or
+    follows a cosine from ``lr`` to 0 over ``iterations``; either after ``warmup`` linear steps.
+    """
 
     iterations: int = 2000
+    time_budget: float | None = None
     pool: int = 256
     batch: int = 32
     replace: int = 2
     steps: int = 64
     min_step: int | None = None  # None: half of steps, rounded up (the paper's 32 of 64)
     lr: float = 1e-4
+    schedule: str = "constant"
+    warmup: int = 0
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.01
     clip: float = 1.0
     patch: int = 64
     overlap: float = 0.25
+    perturb: str | None = None
+    perturb_share: float | None = None
     val_cases: int = 0
+    val_fraction: float = 0.0
     val_every: int = 100
+    select: str = "betti_err"
     save_every: int = 100
     axis: int = 2
     seed: int = 0
@@ -73,18 +96,45 @@ class TrainConfig:
             object.__setattr__(self, "min_step", max(1, (self.steps + 1) // 2))
         checks = [
             (self.iterations >= 1, "iterations must be >= 1"),
+            (self.time_budget is None or self.time_budget > 0, "time budget must be > 0"),
             (self.batch >= 1, "batch must be >= 1"),
             (self.pool >= self.batch, f"pool ({self.pool}) must be >= batch ({self.batch})"),
             (0 <= self.replace <= self.batch, "replace must be in 0..batch"),
             (1 <= self.min_step <= self.steps, f"min-step ({self.min_step}) must be in 1..steps ({self.steps})"),
             (self.lr > 0, "lr must be > 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.warmup >= 0, "warmup must be >= 0"),
             (self.clip > 0, "clip must be > 0"),
             (self.patch >= 8, "patch must be >= 8"),
             (0 <= self.overlap < 1, "overlap must be in [0, 1)"),
+            (self.perturb_share is None or 0 <= self.perturb_share <= 1, "perturb-share must be in [0, 1]"),
+            (self.perturb_share is None or self.perturb is not None, "perturb-share needs a --perturb recipe"),
             (self.val_cases >= 0, "val-cases must be >= 0"),
+            (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
+            (not (self.val_cases and self.val_fraction), "give --val-cases or --val-fraction, not both"),
+            (self.select in SELECT_METRICS,
+             f"unknown --select metric {self.select!r}; choose from {', '.join(SELECT_METRICS)}"),
             (self.val_every >= 1 and self.save_every >= 1, "val-every and save-every must be >= 1"),
             (self.axis in (0, 1, 2), "axis must be 0, 1 or 2"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.perturb is not None:
+            from .perturb import parse_recipe
+
+            parse_recipe(self.perturb)  # a malformed recipe is refused before any data is read
+
+
+def parse_duration(text: str) -> float:
+    """``"45m"``, ``"2h"``, ``"90s"``, ``"1h30m"`` or plain seconds -> seconds."""
+    import re
+
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", value)
+    if not value or parts is None or not any(parts.groups()):
+        raise UsageError(f"time budget {text!r}: expected e.g. 45m, 2h, 1h30m, 90s or seconds")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + s

@@ -1,41 +1,54 @@
-"""Pool training of an rNCA (paper Section 3.3, Appendix A.1).
+"""Pool training of an rNCA (paper Section 3.3, Appendix A.1), with validation that measures
+repair, a kept best checkpoint, budgets and exact resume.
 
-Data: folders of images, ground-truth labels and coarse masks ("states") paired by case id. Each
-2D case (or each slice of a NIfTI volume along ``axis``) is cut into ``patch`` x ``patch`` windows
-with ``overlap``; windows whose coarse mask is empty are skipped (nothing to refine), smaller inputs
-are zero-padded to the patch size.
+Data: folders of images and ground-truth labels paired by case id, and either coarse masks
+("states", paired likewise) or an ``rnca perturb`` recipe that corrupts the ground truth afresh
+each time a sample enters the pool (or both, mixed by ``perturb_share``). Each 2D case (or each
+slice of a NIfTI volume along ``axis``) is cut into ``patch`` x ``patch`` windows with
+``overlap``; windows with nothing to refine are skipped, smaller inputs are zero-padded.
 
 One iteration, top to bottom (:func:`train_step`):
 
 1. draw ``batch`` pool entries; replace ``replace`` of them with fresh states made from coarse masks;
 2. draw a loss step t* ~ U[min_step, steps] per sample and unroll the automaton; a sample leaves
-   the batch once its t* has passed (its later steps could not change the loss, and would cost a
-   quarter of the work on average: t* has mean 48 of 64), see :func:`unroll`;
+   the batch once its t* has passed (its later steps could not change the loss), see :func:`unroll`;
 3. loss = mean over samples of MSE(visible channel at t*, target);
-4. AdamW step with the gradient norm clipped to ``clip``;
+4. AdamW step with the gradient norm clipped to ``clip``, at the schedule's learning rate;
 5. write each sample's state at its t* back into the pool, so later iterations continue from it
    (the pool teaches the automaton to keep a repaired mask stable, not only to reach it).
+
+The run folder (:class:`Run`) holds ``config.json`` (every option, the data's case ids and digest,
+the rnca version), ``command.txt``, ``log.csv``, ``last.pt`` (the weights and everything
+``--resume`` needs: optimizer, schedule, pool, iteration, every generator's state) and, with
+validation, ``best.pt`` and ``final.csv`` (coarse, best and last compared). A run killed at any
+moment and resumed ends with the weights of the same run uninterrupted, on the same device and
+thread count.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import inference, io
-from .checkpoint import save_checkpoint
+from . import io
+from .checkpoint import read_checkpoint, save_checkpoint
 from .device import float32_convolutions, make_generator
-from .errors import InputError, OutputError, TrainingError
-from .metrics import dice
 from .engines import Engine, select_engine
+from .errors import InputError, OutputError, TrainingError, UsageError
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig
+from .perturb import apply_recipe, parse_recipe
+from .validation import METRICS, ValCase, better, coarse_score, refine_cases, score
 
 
 @dataclass
@@ -56,15 +69,29 @@ class PatchSet:
 
 @dataclass
 class Dataset:
+    """Training windows, full-size validation cases, what was left unmatched, and a description."""
+
     train: PatchSet
-    val: PatchSet | None
+    val: list[ValCase]
     unmatched: list[Path]
     description: str
+    has_states: bool = True
+    train_ids: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        """sha256 of every training window and validation case: a resumed run must see the same data."""
+        h = hashlib.sha256()
+        for t in (self.train.images, self.train.targets, self.train.coarse):
+            h.update(t.cpu().numpy().tobytes())
+        for case in self.val:
+            for a in (case.image, case.target, case.coarse):
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
 
 
 @dataclass
 class Progress:
-    """What :func:`train` reports after each iteration."""
+    """What :func:`train` reports after each iteration (``val``: the metrics of a validation round)."""
 
     iteration: int
     iterations: int
@@ -104,31 +131,25 @@ def _slices(image: np.ndarray, label: np.ndarray, coarse: np.ndarray, axis: int)
         yield image[tuple(take)], label[tuple(take)], coarse[tuple(take)]
 
 
-def cut_patches(image, label, coarse, patch: int, overlap: float):
-    """Yield (image (P, P, C), label (P, P), coarse (P, P)) windows with a non-empty coarse mask."""
+def cut_patches(image, label, coarse, patch: int, overlap: float, keep_if=None):
+    """Yield (image (P, P, C), label (P, P), coarse (P, P)) windows; by default those with a
+    non-empty coarse mask (``keep_if(label window, coarse window)`` decides otherwise)."""
+    keep_if = keep_if or (lambda lab, c: np.any(c > 0))
     h, w = label.shape
     for y in window_starts(h, patch, overlap):
         for x in window_starts(w, patch, overlap):
             window = (slice(y, y + patch), slice(x, x + patch))
-            c = coarse[window]
-            if not np.any(c > 0):
+            if not keep_if(label[window], coarse[window]):
                 continue
-            yield _pad_to(image[window], patch), _pad_to(label[window], patch), _pad_to(c, patch)
+            yield _pad_to(image[window], patch), _pad_to(label[window], patch), _pad_to(coarse[window], patch)
 
 
-def load_dataset(
-    images: str | Path, labels: str | Path, states: str | Path, config: TrainConfig, label: int | None = None
-) -> Dataset:
-    """Pair the three folders by case id and cut training (and validation) patches.
-
-    A coarse mask pairs with the case of the same id, or, failing that, ``<case>_<k>`` with case
-    ``<case>`` (the names ``rnca perturb`` writes), so one case may have several coarse masks.
-    Validation holds out whole cases, never single coarse masks of a training case.
-    """
-    pairing = io.pair_folders(images, labels)
-    known = {c.case_id for c in pairing.cases}
-    state_files: dict[str, list[Path]] = {}
+def _state_files(states: Path | None, known: set[str]) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Coarse masks by case: ``<case>`` or ``<case>_<k>`` (the names ``rnca perturb`` writes)."""
+    found: dict[str, list[Path]] = {}
     stray = []
+    if states is None:
+        return found, stray
     for path in io.list_files(states):
         cid = io.case_id(path)
         base = cid.rsplit("_", 1)[0] if "_" in cid and cid.rsplit("_", 1)[1].isdigit() else None
@@ -136,52 +157,106 @@ def load_dataset(
         if owner is None:
             stray.append(path)
         else:
-            state_files.setdefault(owner, []).append(path)
+            found.setdefault(owner, []).append(path)
+    return found, stray
+
+
+def _cases(images: Path, labels: Path, states: Path | None) -> tuple[list[io.Case], dict[str, list[Path]], list[Path]]:
+    """Paired cases (with a coarse mask each when ``states`` is given), their coarse masks, and the
+    files left unmatched."""
+    pairing = io.pair_folders(images, labels)
+    state_files, stray = _state_files(states, {c.case_id for c in pairing.cases})
+    if states is None:
+        return pairing.cases, state_files, pairing.unmatched_images + pairing.unmatched_masks
     cases = [c for c in pairing.cases if c.case_id in state_files]
-    unmatched = (
-        pairing.unmatched_images + pairing.unmatched_masks
-        + [c.mask for c in pairing.cases if c.case_id not in state_files] + stray
-    )
+    unmatched = (pairing.unmatched_images + pairing.unmatched_masks
+                 + [c.mask for c in pairing.cases if c.case_id not in state_files] + stray)
+    return cases, state_files, unmatched
+
+
+def load_dataset(
+    images: str | Path, labels: str | Path, states: str | Path | None, config: TrainConfig, label: int | None = None,
+    val_images: str | Path | None = None, val_labels: str | Path | None = None, val_states: str | Path | None = None,
+) -> Dataset:
+    """Pair the folders by case id, cut training windows and read the validation cases.
+
+    Without ``states`` the coarse masks come from ``config.perturb`` alone. Validation cases come
+    from the ``val_*`` folders, or are the last ``val_cases`` (or ``val_fraction``) cases by case
+    id, held out whole; without stored coarse masks, a validation case's coarse mask is a
+    corruption of its ground truth drawn once from the seed, the same every round.
+    """
+    images, labels = Path(images), Path(labels)
+    states = Path(states) if states is not None else None
+    if states is None and config.perturb is None:
+        raise UsageError("without --states, give a --perturb recipe to make coarse masks from the labels")
+    cases, state_files, unmatched = _cases(images, labels, states)
     if not cases:
-        raise InputError(f"{images}: no case has an image, a label (in {labels}) and a coarse mask (in {states})")
-    if config.val_cases >= len(cases):
-        raise InputError(f"--val-cases {config.val_cases} leaves no training case out of {len(cases)}")
-    split = len(cases) - config.val_cases
-    train = _patch_set(cases[:split], state_files, config, label)
-    val = _patch_set(cases[split:], state_files, config, label) if config.val_cases else None
+        raise InputError(f"{images}: no case has an image, a label (in {labels})"
+                         + (f" and a coarse mask (in {states})" if states else ""))
+    if val_images is not None or val_labels is not None:
+        if val_images is None or val_labels is None:
+            raise UsageError("--val-images and --val-labels go together")
+        vstates = Path(val_states) if val_states is not None else None
+        if vstates is None and config.perturb is None:
+            raise UsageError("validation cases without --val-states need a --perturb recipe")
+        val_cases, val_state_files, val_unmatched = _cases(Path(val_images), Path(val_labels), vstates)
+        unmatched += val_unmatched
+        if not val_cases:
+            raise InputError(f"{val_images}: no validation case has an image and a label (in {val_labels})")
+        train_cases = cases
+    else:
+        held = config.val_cases or (max(1, round(config.val_fraction * len(cases))) if config.val_fraction else 0)
+        if held >= len(cases):
+            option = "--val-cases" if config.val_cases else "--val-fraction"
+            raise UsageError(f"{option} holds out {held} of {len(cases)} cases and leaves none to train on")
+        train_cases, val_cases, val_state_files = cases[: len(cases) - held], cases[len(cases) - held :], state_files
+    train = _patch_set(train_cases, state_files, config, label)
+    val = _val_cases(val_cases, val_state_files, config, label)
     description = (
-        f"images={images} labels={labels} states={states}: {split} training cases"
-        + (f", last {config.val_cases} by case id held out ({cases[split].case_id}..{cases[-1].case_id})" if val else "")
-        + f", {len(train)} patches of {config.patch}x{config.patch}"
+        f"images={images} labels={labels} " + (f"states={states}" if states else f"perturb={config.perturb!r}")
+        + f": {len(train_cases)} training cases, {len(train)} patches of {config.patch}x{config.patch}"
+        + (f"; {len(val)} validation cases" if val else "")
     )
-    return Dataset(train, val, unmatched, description)
+    return Dataset(train, val, unmatched, description, has_states=states is not None,
+                   train_ids=[c.case_id for c in train_cases])
+
+
+def _read_case(case: io.Case, label: int | None, channels: int | None) -> tuple[io.Loaded, io.Loaded]:
+    image = io.read_images(case.images)
+    target = io.read_mask(case.mask, label=label)
+    if channels is not None and image.data.shape[-1] != channels:
+        raise InputError(f"{image.path}: {image.data.shape[-1]} channels, earlier cases have {channels}")
+    if target.data.shape != image.data.shape[:-1]:
+        raise InputError(f"{target.path}: shape {target.data.shape} differs from image {image.path} {image.data.shape[:-1]}")
+    return image, target
+
+
+def _read_state(path: Path, image: io.Loaded, label: int | None) -> np.ndarray:
+    state = io.read_mask(path, label=label)
+    if state.data.shape != image.data.shape[:-1]:
+        raise InputError(f"{state.path}: shape {state.data.shape} differs from image {image.path} {image.data.shape[:-1]}")
+    return state.data
 
 
 def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config: TrainConfig, label: int | None) -> PatchSet:
     images, targets, coarse, ids = [], [], [], []
     channels = None
     for case in cases:
-        image = io.read_images(case.images)
-        target = io.read_mask(case.mask, label=label)
-        if channels is None:
-            channels = image.data.shape[-1]
-        elif image.data.shape[-1] != channels:
-            raise InputError(f"{image.path}: {image.data.shape[-1]} channels, earlier cases have {channels}")
-        for state_path in state_files[case.case_id]:
-            state = io.read_mask(state_path, label=label)
-            for loaded in (target, state):
-                if loaded.data.shape != image.data.shape[:-1]:
-                    raise InputError(
-                        f"{loaded.path}: shape {loaded.data.shape} differs from image {image.path} {image.data.shape[:-1]}"
-                    )
-            for img2d, lab2d, st2d in _slices(image.data, target.data, state.data, config.axis):
-                for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap):
+        image, target = _read_case(case, label, channels)
+        channels = image.data.shape[-1]
+        # Without stored coarse masks the windows hold the ground truth, corrupted when they enter the pool.
+        sources = [_read_state(p, image, label) for p in state_files.get(case.case_id, [])] or [target.data]
+        keep_if = None if case.case_id in state_files else (lambda lab, c: np.any(lab > 0))
+        for state in sources:
+            for img2d, lab2d, st2d in _slices(image.data, target.data, state, config.axis):
+                for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap, keep_if):
                     images.append(img_p)
                     targets.append(lab_p >= 0.5)
                     coarse.append(st_p)
                     ids.append(case.case_id)
     if not images:
-        raise InputError(f"{cases[0].mask.parent}: every coarse mask is empty; nothing to train on")
+        raise InputError(f"{cases[0].mask.parent}: every window is empty once empty patches are skipped; "
+                         "nothing to train on")
     return PatchSet(
         torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float(),  # (N, C, P, P)
         torch.from_numpy(np.stack(targets)).float(),  # (N, P, P)
@@ -190,24 +265,76 @@ def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config:
     )
 
 
-# -- the loop ------------------------------------------------------------------------------------
+def _val_cases(cases: list[io.Case], state_files: dict[str, list[Path]], config: TrainConfig,
+               label: int | None) -> list[ValCase]:
+    out = []
+    steps = parse_recipe(config.perturb) if config.perturb else None
+    for case in cases:
+        image, target = _read_case(case, label, None)
+        stored = [(p, _read_state(p, image, label)) for p in state_files.get(case.case_id, [])]
+        if not stored:  # one corruption of the ground truth, drawn from the seed and the case id
+            rng = np.random.default_rng([config.seed, zlib.crc32(case.case_id.encode())])
+            slices = list(_slices(image.data, target.data, target.data, config.axis))
+            for k, (img2d, lab2d, _) in enumerate(slices):
+                coarse = apply_recipe(lab2d >= 0.5, steps, rng)[0].astype(np.float32)
+                name = case.case_id if len(slices) == 1 else f"{case.case_id}#{k}"
+                out.append(ValCase(name, img2d.astype(np.float32), lab2d >= 0.5, coarse))
+            continue
+        for path, state in stored:
+            slices = list(_slices(image.data, target.data, state, config.axis))
+            for k, (img2d, lab2d, st2d) in enumerate(slices):
+                name = io.case_id(path) if len(slices) == 1 else f"{io.case_id(path)}#{k}"
+                out.append(ValCase(name, img2d.astype(np.float32), lab2d >= 0.5, st2d.astype(np.float32)))
+    return out
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+
+class Corruption:
+    """Fresh coarse masks for pool refills: with probability ``share`` a new corruption of the
+    window's ground truth by ``recipe`` (``rnca perturb``'s), else its stored coarse mask. Draws
+    from its own seeded generator, whose state a checkpoint keeps."""
+
+    def __init__(self, recipe: str, share: float, seed: int):
+        self.steps, self.share = parse_recipe(recipe), share
+        self.rng = np.random.default_rng([seed, 2])
+
+    def __call__(self, targets: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        out = coarse.clone()
+        for i, target in enumerate(targets.cpu().numpy()):
+            if self.rng.random() < self.share:
+                fresh = apply_recipe(target >= 0.5, self.steps, self.rng)[0]
+                out[i] = torch.from_numpy(np.asarray(fresh, np.float32))
+        return out
 
 
 class Pool:
     """``size`` evolving states, each remembering which patch it belongs to."""
 
-    def __init__(self, model: RNCA, patches: PatchSet, size: int, gen: torch.Generator):
-        self.patches = patches
+    def __init__(self, model: RNCA, patches: PatchSet, size: int, gen: torch.Generator,
+                 corrupt: Corruption | None = None):
+        self.patches, self.corrupt = patches, corrupt
         self.which = torch.randint(len(patches), (size,), generator=gen, device=gen.device)  # (P,)
         with torch.no_grad():
-            self.states = model.initial_state(patches.coarse[self.which]).contiguous()  # (P, K, H, W)
+            self.states = model.initial_state(self.coarse(self.which)).contiguous()  # (P, K, H, W)
+
+    def coarse(self, which: torch.Tensor) -> torch.Tensor:
+        """Coarse masks (n, P, P) for the windows ``which``: stored, or freshly corrupted."""
+        coarse = self.patches.coarse[which]
+        if self.corrupt is None:
+            return coarse
+        return self.corrupt(self.patches.targets[which], coarse).to(coarse.device)
 
     def refresh(self, model: RNCA, slots: torch.Tensor, gen: torch.Generator) -> None:
         """Start ``slots`` over from fresh coarse masks of random patches."""
         new = torch.randint(len(self.patches), (len(slots),), generator=gen, device=gen.device)
         self.which[slots] = new
         with torch.no_grad():
-            self.states[slots] = model.initial_state(self.patches.coarse[new])
+            self.states[slots] = model.initial_state(self.coarse(new))
+
+
+# -- one iteration -------------------------------------------------------------------------------
 
 
 def unroll(
@@ -264,32 +391,80 @@ def train_step(
     return float(loss.detach())
 
 
-@torch.no_grad()
-def validate(model: RNCA, patches: PatchSet, steps: int, seed: int, batch: int = 64) -> dict[str, float]:
-    """Mean Dice of coarse masks and of their refinement (threshold 0.5) on held-out patches,
-    refined exactly as ``rnca refine --seed seed`` would."""
-    before, after = [], []
-    for start in range(0, len(patches), batch):
-        rows = slice(start, start + batch)
-        seeds = torch.full((len(patches.images[rows]),), seed, dtype=torch.int64)
-        prob = inference.rollout(model, patches.images[rows], patches.coarse[rows], steps, seeds).cpu().numpy()
-        for p, coarse, target in zip(prob, patches.coarse[rows].cpu().numpy(), patches.targets[rows].cpu().numpy()):
-            before.append(dice(coarse >= 0.5, target))
-            after.append(dice(p >= 0.5, target))
-    return {"val_dice_before": float(np.mean(before)), "val_dice_after": float(np.mean(after))}
+def learning_rate_factor(cfg: TrainConfig, it: int) -> float:
+    """The schedule's multiplier of ``lr`` for iteration ``it`` (1-based): a linear warm-up over
+    ``warmup`` iterations, then constant or a cosine down to 0 at ``iterations``."""
+    if it <= cfg.warmup:
+        return it / (cfg.warmup + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    done = (it - cfg.warmup) / max(1, cfg.iterations - cfg.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
-    """The run folder: created if missing; refused if it already holds a model unless overwrite."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if (out / "model.pt").exists() and not overwrite:
-        raise OutputError(f"{out / 'model.pt'}: already exists; pass --overwrite or choose another --out")
-    return io.make_folder(out)
+# -- the run folder ------------------------------------------------------------------------------
+
+LOG_COLUMNS = ("iteration", "loss", "lr", "seconds", *(f"val_{m}" for m in METRICS))
+# Options a resumed run may change: how long it runs and how often it reports and saves.
+RESUMABLE_CHANGES = ("iterations", "time_budget", "val_every", "save_every")
 
 
-LOG_COLUMNS = ("iteration", "loss", "seconds", "val_dice_before", "val_dice_after")
+class Run:
+    """A run folder: its records (``config.json``, ``command.txt``, ``log.csv``) and checkpoints."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.config, self.log = self.out / "config.json", self.out / "log.csv"
+        self.last, self.best, self.final = self.out / "last.pt", self.out / "best.pt", self.out / "final.csv"
+
+    def start(self, record: dict, overwrite: bool) -> None:
+        """A new run: refuse a folder that holds one unless ``overwrite``; write the records."""
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"{self.out}: exists and is not a folder")
+        if not overwrite:
+            for path in (self.last, self.best, self.config):
+                if path.exists():
+                    raise OutputError(f"{path}: already exists; pass --overwrite, --resume {self.out}, or another --out")
+        io.make_folder(self.out)
+        for stale in (self.best, self.final):  # an overwritten run's best must not outlive it
+            stale.unlink(missing_ok=True)
+        self._write_text(self.config, json.dumps(record, indent=2) + "\n")
+        self._write_text(self.out / "command.txt", " ".join(sys.argv) + "\n")
+
+    def check_resume(self, record: dict) -> None:
+        """Refuse to resume a folder whose run had other options or other data."""
+        if not self.last.is_file():
+            raise InputError(f"{self.last}: no such file; --resume needs a run folder with a last.pt")
+        try:
+            before = json.loads(self.config.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{self.config}: missing or unreadable; cannot check the run's options") from None
+        for key in ("train_config", "model_config"):
+            old, new = before.get(key, {}), record[key]
+            for name in sorted(set(old) | set(new)):
+                if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name):
+                    raise UsageError(f"{self.config}: the run used {name}={old.get(name)!r}, not {new.get(name)!r}; "
+                                     "resume with the same options")
+        if before.get("data_digest") != record["data_digest"]:
+            raise UsageError(f"{self.config}: the run was trained on other data (digest differs); "
+                             "resume with the same folders")
+        self._write_text(self.config, json.dumps({**before, "train_config": record["train_config"]}, indent=2) + "\n")
+
+    def write_log(self, rows: list[dict]) -> None:
+        io.write_csv(self.log, LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
+
+    def read_log(self) -> list[dict]:
+        import csv
+
+        if not self.log.is_file():
+            return []
+        with self.log.open(newline="") as f:
+            return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+    @staticmethod
+    def _write_text(path: Path, text: str) -> None:
+        with io.atomic_path(path) as tmp:
+            tmp.write_text(text)
 
 
 def train(
@@ -300,77 +475,132 @@ def train(
     device: torch.device | None = None,
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    resume: bool = False,
 ) -> tuple[RNCA, Path]:
-    """Train a new model on ``data``; writes ``out/model.pt`` and ``out/log.csv``.
-
-    The checkpoint is also written every ``save_every`` iterations, so an interrupted run keeps
-    its last save. Returns (model, checkpoint path).
-    """
+    """Train on ``data`` into the run folder ``out`` (module docstring); with ``resume``, continue
+    the run in ``out`` from its ``last.pt``. Stops at ``config.iterations`` or once
+    ``config.time_budget`` seconds of this call have passed, and saves. Returns (the model with the
+    last weights, the checkpoint to use: ``best.pt`` with validation, else ``last.pt``)."""
     device = device or torch.device("cpu")
-    out = prepare_run_dir(out, overwrite)
     channels = data.train.images.shape[1]
     model_config = model_config or ModelConfig(image_channels=channels)
     if model_config.image_channels != channels:
         raise InputError(f"the training images have {channels} channel(s), the model config {model_config.image_channels}")
+    from . import __version__
+
+    record = {"rnca_version": __version__, "train_config": asdict(config), "model_config": model_config.to_dict(),
+              "train_cases": data.train_ids, "val_cases": [c.case_id for c in data.val],
+              "data_digest": data.digest(), "data": data.description}
+    run = Run(out)
+    run.check_resume(record) if resume else run.start(record, overwrite)
+
     torch.manual_seed(config.seed)  # parameter initialisation
     model = RNCA(model_config).to(device).train()
     engine = select_engine(device, torch.float32, model)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    index_gen = make_generator(device, config.seed)
-    step_gen = make_generator(device, config.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                            weight_decay=config.weight_decay)
+    index_gen, step_gen = make_generator(device, config.seed), make_generator(device, config.seed + 1)
     train_set = data.train.to(device)
-    val_set = data.val.to(device) if data.val is not None else None
-    pool = Pool(model, train_set, config.pool, index_gen)
+    share = config.perturb_share if config.perturb_share is not None else (0.5 if data.has_states else 1.0)
+    corrupt = Corruption(config.perturb, share, config.seed) if config.perturb else None
+    pool = Pool(model, train_set, config.pool, index_gen, corrupt)
+    start_it, best, rows = 0, None, []
+    if resume:
+        payload = read_checkpoint(run.last)
+        state = payload.get("training")
+        if state is None:
+            raise InputError(f"{run.last}: holds no training state to resume from")
+        model.load_state_dict(payload["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        pool.which.copy_(state["pool_which"])
+        pool.states.copy_(state["pool_states"])
+        index_gen.set_state(state["generators"]["index"])
+        step_gen.set_state(state["generators"]["step"])
+        if corrupt is not None:
+            corrupt.rng.bit_generator.state = state["corruption_rng"]
+        start_it, best = int(state["iteration"]), state["best"]
+        rows = [r for r in run.read_log() if int(r["iteration"]) <= start_it]
 
-    rows: list[dict] = []
-    start = time.perf_counter()
-    provenance = {"data": data.description, "train_config": asdict(config), "iterations": 0}
-    ckpt = out / "model.pt"
+    coarse_metrics = coarse_score(data.val) if data.val else None
+    provenance = {"data": data.description, "train_config": asdict(config)}
+    offset = float(rows[-1]["seconds"]) if rows else 0.0  # seconds spent before a resume
+    started = time.perf_counter()
+    last_val: dict | None = None
+
+    def save_last(it: int, elapsed: float) -> None:
+        training = {"iteration": it, "optimizer": opt.state_dict(), "pool_which": pool.which.cpu(),
+                    "pool_states": pool.states.cpu(), "best": best,
+                    "generators": {"index": index_gen.get_state(), "step": step_gen.get_state()}}
+        if corrupt is not None:
+            training["corruption_rng"] = corrupt.rng.bit_generator.state
+        save_checkpoint(run.last, model, {**provenance, "iterations": it, "train_seconds": round(offset + elapsed, 1)},
+                        training)
+        run.write_log(rows)
+
+    it = start_it
     with float32_convolutions(device):  # CUDA trains like the CPU, to float rounding (see there)
-        for it in range(1, config.iterations + 1):
+        for it in range(start_it + 1, config.iterations + 1):
+            for group in opt.param_groups:
+                group["lr"] = config.lr * learning_rate_factor(config, it)
             loss = train_step(model, engine, opt, pool, config, index_gen, step_gen)
             if not math.isfinite(loss):
                 raise TrainingError(
-                    f"{out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
+                    f"{run.out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
                     "try a smaller --lr"
                 )
-            elapsed = time.perf_counter() - start
-            row = {"iteration": it, "loss": f"{loss:.6g}", "seconds": f"{elapsed:.2f}"}
+            elapsed = time.perf_counter() - started
+            out_of_time = config.time_budget is not None and elapsed >= config.time_budget
+            last = it == config.iterations or out_of_time
+            row = {"iteration": it, "loss": f"{loss:.6g}", "lr": f"{opt.param_groups[0]['lr']:.6g}",
+                   "seconds": f"{offset + elapsed:.2f}"}
             val = None
-            if val_set is not None and (it % config.val_every == 0 or it == config.iterations):
+            if data.val and (it % config.val_every == 0 or last):
                 model.eval()
-                val = validate(model, val_set, config.steps, config.seed)
+                val = score(refine_cases(model, data.val, config.steps, config.seed), data.val)
                 model.train()
-                row.update({k: f"{v:.4f}" for k, v in val.items()})
+                row.update({f"val_{k}": f"{v:.6g}" for k, v in val.items()})
+                last_val = val
+                if better(config.select, val[config.select], None if best is None else best[config.select]):
+                    best = {**val, "iteration": it}
+                    save_checkpoint(run.best, model, {**provenance, "iterations": it, "selected_by": config.select,
+                                                      **{f"val_{k}": v for k, v in val.items()}})
             rows.append(row)
-            if it % config.save_every == 0 or it == config.iterations:
-                provenance.update(iterations=it, train_seconds=round(elapsed, 1), final_loss=loss, **(val or {}))
-                save_checkpoint(ckpt, model, provenance)
-                io.write_csv(out / "log.csv", LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
+            if it % config.save_every == 0 or last:
+                save_last(it, elapsed)
             if on_progress:
-                on_progress(Progress(it, config.iterations, loss, it / elapsed if elapsed > 0 else 0.0, val))
+                on_progress(Progress(it, config.iterations, loss, (it - start_it) / elapsed if elapsed > 0 else 0.0, val))
+            if out_of_time:
+                break
+    if it == start_it:  # nothing left to do (a resumed run that had finished)
+        save_last(it, 0.0)
     model.eval()
-    return model, ckpt
+    if data.val and last_val is not None:
+        table = [["coarse", "", *(coarse_metrics[m] for m in METRICS)]]
+        if best is not None:
+            table.append(["best", best["iteration"], *(best[m] for m in METRICS)])
+        table.append(["last", it, *(last_val[m] for m in METRICS)])
+        io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
+    return model, (run.best if run.best.exists() else run.last)
 
 
 def train_files(
-    images: Path, labels: Path, states: Path, out: Path, config: TrainConfig = TrainConfig(),
+    images: Path, labels: Path, states: Path | None, out: Path, config: TrainConfig = TrainConfig(),
     model_config: ModelConfig = ModelConfig(), label: int | None = None, device: str = "auto",
     overwrite: bool = False, on_start: Callable[[Dataset, torch.device], None] | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None, resume: bool = False,
+    val_images: Path | None = None, val_labels: Path | None = None, val_states: Path | None = None,
 ) -> Path:
-    """``rnca train``: load the three folders (:func:`load_dataset`), train a model of
-    ``model_config`` (its image channels taken from the data) on ``device`` and write the run
-    folder ``out``. ``on_start(data, device)`` is told what was loaded. Returns the checkpoint."""
+    """``rnca train``: load the folders (:func:`load_dataset`), train a model of ``model_config``
+    (its image channels taken from the data) on ``device`` into the run folder ``out`` (or continue
+    it, with ``resume``). ``on_start(data, device)`` is told what was loaded. Returns the
+    checkpoint to use."""
     from dataclasses import replace
 
     from .device import resolve_device
 
     torch_device = resolve_device(device)
-    data = load_dataset(images, labels, states, config, label=label)
+    data = load_dataset(images, labels, states, config, label, val_images, val_labels, val_states)
     if on_start:
         on_start(data, torch_device)
     model_config = replace(model_config, image_channels=data.train.images.shape[1])
-    return train(data, out, config, model_config, torch_device, overwrite, on_progress)[1]
+    return train(data, out, config, model_config, torch_device, overwrite, on_progress, resume)[1]

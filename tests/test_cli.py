@@ -181,9 +181,10 @@ def test_train_then_refine_with_the_checkpoint(tmp_path):
                   "--iterations", 4, "--pool", 8, "--batch", 2, "--replace", 1, "--steps", 6, "--min-step", 3,
                   "--patch", 32, "--channels", 4, "--hidden", 16, "--val-cases", 2, "--val-every", 2, "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert (run / "model.pt").exists() and (run / "log.csv").exists()
+    assert (run / "best.pt").exists() and (run / "last.pt").exists() and (run / "log.csv").exists()
+    assert "final.csv" not in result.output and "coarse" in result.output and "best" in result.output  # the final table
     result = rnca("refine", "--image", images / "c0.png", "--mask", states / "c0.png", "--out", tmp_path / "r.png",
-                  "--model", run / "model.pt", "--steps", 6)
+                  "--model", run / "best.pt", "--steps", 6)
     assert result.exit_code == 0, result.output
     again = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", run, "--patch", 32)
     assert again.exit_code == 1 and "already exists" in again.output
@@ -275,9 +276,9 @@ def test_refine_and_train_on_cuda(tmp_path, png_folders, model_file):
                   "--iterations", 3, "--pool", 8, "--batch", 2, "--replace", 1, "--steps", 6, "--min-step", 3,
                   "--patch", 32, "--channels", 4, "--hidden", 16, "--val-cases", 1, "--val-every", 3, "--device", "cuda")
     assert result.exit_code == 0, result.output
-    raw = torch.load(run / "model.pt", weights_only=True)  # no map_location: tensors load where they were saved
+    raw = torch.load(run / "last.pt", weights_only=True)  # no map_location: tensors load where they were saved
     assert all(t.device.type == "cpu" for t in raw["state_dict"].values())
-    model, provenance = load_checkpoint(run / "model.pt")
+    model, provenance = load_checkpoint(run / "last.pt")
     assert provenance["iterations"] == 3
 
 

@@ -55,9 +55,11 @@ def test_dataset_holds_out_validation_cases(tmp_path):
     folders = make_folders(tmp_path)
     data = tr.load_dataset(*folders, tr.TrainConfig(patch=32, val_cases=2))
     assert len(data.train) == 6 and len(data.val) == 2
-    assert data.val.case_ids == ["c6", "c7"]
+    assert [c.case_id for c in data.val] == ["c6", "c7"] and data.val[0].image.shape == (32, 32, 1)
     assert data.train.images.shape == (6, 1, 32, 32)
-    assert "held out" in data.description
+    assert "2 validation cases" in data.description
+    by_fraction = tr.load_dataset(*folders, tr.TrainConfig(patch=32, val_fraction=0.25))
+    assert [c.case_id for c in by_fraction.val] == ["c6", "c7"]
 
 
 def test_dataset_reports_unmatched_and_refuses_shape_mismatch(tmp_path):
@@ -131,13 +133,140 @@ def test_training_with_the_kernels_is_the_same_at_any_thread_count(tmp_path):
     assert_same_weights(*train_at(tmp_path, [1, 2]))
 
 
-def test_validation_is_logged(tmp_path):
+def test_validation_metrics_are_logged_and_best_changes_only_when_the_selected_metric_improves(tmp_path):
     folders = make_folders(tmp_path, n=6)
-    config = tr.TrainConfig(iterations=2, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32,
-                            val_cases=2, val_every=1)
-    seen = []
-    tr.train(tr.load_dataset(*folders, config), tmp_path / "run", config, SMALL, on_progress=lambda p: seen.append(p.val))
-    assert all(v is not None and 0 <= v["val_dice_after"] <= 1 for v in seen)
+    config = tr.TrainConfig(iterations=6, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32,
+                            val_cases=2, val_every=1, lr=3e-3, select="dice")
+    seen, best_bytes = [], []
+    best = tmp_path / "run" / "best.pt"
+
+    def progress(p):
+        seen.append(p.val)
+        best_bytes.append(best.read_bytes() if best.exists() else None)
+
+    model, ckpt = tr.train(tr.load_dataset(*folders, config), tmp_path / "run", config, SMALL, on_progress=progress)
+    assert ckpt == best and (tmp_path / "run" / "last.pt").exists()
+    assert all(set(v) == {"dice", "cldice", "betti0_err", "betti1_err", "betti_err", "topology", "changed"} for v in seen)
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["val_dice"]) for r in rows] == pytest.approx([v["dice"] for v in seen], rel=1e-5)
+    running = -1.0
+    for val, before, after in zip(seen, [None] + best_bytes[:-1], best_bytes):
+        if val["dice"] > running:  # improved: best.pt rewritten
+            running = val["dice"]
+            assert after is not None and after != before
+        else:
+            assert after == before
+    _, provenance = load_checkpoint(best)
+    assert provenance["val_dice"] == pytest.approx(running) and provenance["selected_by"] == "dice"
+    with open(tmp_path / "run" / "final.csv") as f:
+        final = list(csv.DictReader(f))
+    assert [r["masks"] for r in final] == ["coarse", "best", "last"]
+    assert float(final[1]["dice"]) == pytest.approx(running, rel=1e-5)
+
+
+def test_the_run_folder_records_options_data_and_command(tmp_path):
+    import json
+
+    folders = make_folders(tmp_path, n=4)
+    config = tr.TrainConfig(iterations=2, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, val_cases=1)
+    data = tr.load_dataset(*folders, config)
+    tr.train(data, tmp_path / "run", config, SMALL)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["train_config"]["iterations"] == 2 and record["model_config"]["channels"] == 4
+    assert record["train_cases"] == ["c0", "c1", "c2"] and record["val_cases"] == ["c3"]
+    assert record["data_digest"] == data.digest() and len(record["data_digest"]) == 64
+    assert record["rnca_version"] and (tmp_path / "run" / "command.txt").read_text().strip()
+
+
+def test_time_budget_stops_and_saves(tmp_path):
+    folders = make_folders(tmp_path, n=2)
+    config = tr.TrainConfig(iterations=1000, time_budget=1e-9, pool=2, batch=2, replace=1, steps=2, min_step=1,
+                            patch=32, save_every=500)
+    tr.train(tr.load_dataset(*folders, config), tmp_path / "run", config, SMALL)
+    _, provenance = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert provenance["iterations"] == 1  # stopped after the first iteration, and saved it
+
+
+def test_perturb_refills_draw_fresh_coarse_masks(tmp_path):
+    images, labels, _ = make_folders(tmp_path, n=2)
+    config = tr.TrainConfig(patch=32, perturb="breaks:1.0:count=2,specks:1.0")
+    data = tr.load_dataset(images, labels, None, config)
+    assert not data.has_states and torch.equal(data.train.coarse, data.train.targets)  # the labels, before corruption
+    corrupt = tr.Corruption(config.perturb, 1.0, seed=0)
+    which = torch.tensor([0, 0])
+    first, second = (corrupt(data.train.targets[which], data.train.coarse[which]) for _ in range(2))
+    assert not torch.equal(first[0], second[0]) and not torch.equal(first[0], first[1])  # a fresh draw each refill
+    assert not torch.equal(first[0], data.train.targets[0])  # really corrupted
+    pool = tr.Pool(tiny_model(), data.train, 4, torch.Generator().manual_seed(0), corrupt)
+    assert not torch.equal(pool.states[:, 0].clamp(0.1, 1.0), data.train.targets[pool.which].clamp(0.1, 1.0))
+    with pytest.raises(ValueError, match="without --states, give a --perturb recipe"):
+        tr.load_dataset(images, labels, None, tr.TrainConfig(patch=32))
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """A training process killed with SIGKILL mid-run and resumed from its last.pt ends bit for bit
+    where the same run uninterrupted ends (CPU, same thread count)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images, labels, _ = make_folders(tmp_path, n=4)
+    args = [sys.executable, "-m", "rnca_cli", "train", "--images", str(images), "--labels", str(labels),
+            "--perturb", "breaks:0.8,specks:0.5", "--iterations", "12", "--pool", "8", "--batch", "2", "--replace", "1",
+            "--steps", "4", "--patch", "32", "--save-every", "3", "--channels", "4", "--hidden", "8",
+            "--threads", "2", "--val-cases", "1", "--val-every", "4", "-q"]
+    subprocess.run([*args, "-o", str(tmp_path / "whole")], check=True, timeout=300)
+    killed = subprocess.Popen([*args, "-o", str(tmp_path / "killed")])
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if last.exists() and load_checkpoint(last)[1]["iterations"] >= 3:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert load_checkpoint(last)[1]["iterations"] < 12  # it really was interrupted
+    subprocess.run([*args, "--resume", str(tmp_path / "killed")], check=True, timeout=300)
+    a, _ = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b, provenance = load_checkpoint(last)
+    assert provenance["iterations"] == 12
+    assert_same_weights(a, b)
+    assert (tmp_path / "whole" / "log.csv").read_text().count("\n") == (tmp_path / "killed" / "log.csv").read_text().count("\n")
+
+
+def test_a_resume_folder_from_another_configuration_is_refused(tmp_path):
+    folders = make_folders(tmp_path, n=2)
+    config = tr.TrainConfig(iterations=2, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32)
+    data = tr.load_dataset(*folders, config)
+    tr.train(data, tmp_path / "run", config, SMALL)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    other = tr.TrainConfig(iterations=4, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32, lr=1e-3)
+    with pytest.raises(ValueError, match=r"config.json: the run used lr=0.0001, not 0.001"):
+        tr.train(data, tmp_path / "run", other, SMALL, resume=True)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    longer = tr.TrainConfig(iterations=4, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32)
+    tr.train(data, tmp_path / "run", longer, SMALL, resume=True)  # more iterations: allowed
+    assert load_checkpoint(tmp_path / "run" / "last.pt")[1]["iterations"] == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(select="iou"), "unknown --select metric 'iou'"),
+    (dict(perturb="breaks:0.5,smudge:1"), "unknown operator 'smudge'"),
+    (dict(val_fraction=0.5, val_cases=1), "not both"),
+    (dict(perturb_share=0.5), "perturb-share needs a --perturb recipe"),
+])
+def test_bad_training_options_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        tr.TrainConfig(**change)
+
+
+def test_val_fraction_leaving_no_training_case_is_refused(tmp_path):
+    folders = make_folders(tmp_path, n=2)
+    with pytest.raises(ValueError, match="--val-fraction holds out 2 of 2 cases and leaves none"):
+        tr.load_dataset(*folders, tr.TrainConfig(patch=32, val_fraction=0.9))
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -145,10 +274,10 @@ def test_existing_run_is_not_overwritten(tmp_path):
     config = tr.TrainConfig(iterations=1, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32)
     data = tr.load_dataset(*folders, config)
     tr.train(data, tmp_path / "run", config, SMALL)
-    before = (tmp_path / "run" / "model.pt").read_bytes()
+    before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(OutputError, match="already exists"):
         tr.train(data, tmp_path / "run", config, SMALL)
-    assert (tmp_path / "run" / "model.pt").read_bytes() == before
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("steps, min_step", [(64, 32), (4, 2), (5, 3), (1, 1)])
@@ -173,7 +302,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     monkeypatch.setattr(tr, "train_step", lambda *args: next(losses))
     with pytest.raises(TrainingError, match="diverged at iteration 4"):
         tr.train(data, tmp_path / "run", config, SMALL)
-    _, provenance = load_checkpoint(tmp_path / "run" / "model.pt")
+    _, provenance = load_checkpoint(tmp_path / "run" / "last.pt")
     assert provenance["iterations"] == 2
 
 
