@@ -258,6 +258,8 @@ def refine(
     steps: Annotated[int, typer.Option(help="Automaton updates.")] = R.steps,
     threshold: Annotated[float, typer.Option(help="Refined probability >= threshold is foreground.")] = R.threshold,
     save_prob: Annotated[bool, typer.Option("--save-prob", help="Also write the soft mask (<out>_prob, or prob/ in folder mode).")] = False,
+    save_overlay: Annotated[Optional[Path], typer.Option(help="Folder: per case, the image with the pixels added (green) and removed (red).")] = None,
+    save_trajectory: Annotated[Optional[Path], typer.Option(help="Folder: per case, the repair step by step (<case>.png strip, <case>.gif).")] = None,
     label: Annotated[Optional[int], typer.Option(help="Refine this label of a multi-label mask; others are kept.")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI volumes are refined slice by slice along this axis.")] = R.axis,
     batch: Annotated[int, typer.Option(help="Cases (2D) or slices (3D) per forward pass (at most --tile squared pixels).")] = R.batch,
@@ -275,7 +277,8 @@ def refine(
     from .refine import refine_files
 
     options = RefineOptions(steps=steps, threshold=threshold, seed=seed, axis=axis, label=label,
-                            save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite)
+                            save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite,
+                            save_overlay=save_overlay, save_trajectory=save_trajectory)
     _set_threads(threads)
     # The bar counts pixels, so that one large image or volume shows progress too (tile by tile,
     # pass by pass); it stays hidden for a single case that is one forward pass.

@@ -9,6 +9,7 @@ Plain dataclasses that import no PyTorch, so that the command line takes its def
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .constants import BLOCK
 from .engines import PRECISION_NAMES
@@ -29,6 +30,8 @@ class RefineOptions:
     tile: int = 768  # core side; with a 129-pixel halo (64 steps) about 1 GB of working memory
     precision: str = "fp32"
     overwrite: bool = False
+    save_overlay: Path | None = None  # folder: one picture per case, pixels added (green) and removed (red)
+    save_trajectory: Path | None = None  # folder: each case repaired step by step (strip and GIF)
 
     def __post_init__(self) -> None:
         if self.steps < 0:

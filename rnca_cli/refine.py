@@ -21,7 +21,7 @@ Decisions a user can rely on (also in the README):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -155,6 +155,7 @@ class Job:
     out: Path
     prob_out: Path | None
     shape: tuple[int, ...]  # the mask's spatial shape, from its header
+    pictures: dict[str, Path] = field(default_factory=dict)  # "overlay", "strip", "gif" -> where they go
 
     @property
     def pixels(self) -> int:
@@ -180,7 +181,7 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
         out = out / f"{cid}{io.output_suffix(mask)}"
     _check_output_suffix(out, mask)
     prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
-    jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask))]
+    jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask), _picture_paths(cid, options))]
     _check_outputs(jobs, options.overwrite)
     return jobs
 
@@ -198,9 +199,20 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
     for case in pairing.cases:
         name = case.case_id + io.output_suffix(case.mask)
         prob = out_dir / "prob" / name if options.save_prob else None
-        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask)))
+        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask),
+                        _picture_paths(case.case_id, options)))
     _check_outputs(jobs, options.overwrite)
     return jobs, pairing
+
+
+def _picture_paths(case_id: str, options: RefineOptions) -> dict[str, Path]:
+    paths = {}
+    if options.save_overlay is not None:
+        paths["overlay"] = options.save_overlay / f"{case_id}.png"
+    if options.save_trajectory is not None:
+        paths["strip"] = options.save_trajectory / f"{case_id}.png"
+        paths["gif"] = options.save_trajectory / f"{case_id}.gif"
+    return paths
 
 
 def _check_output_suffix(out: Path, mask: Path) -> None:
@@ -223,7 +235,7 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
                 raise InputError(
                     f"{job.mask}: mask shape {mask_shape} differs from image {image} shape {io.peek_shape(image)}"
                 )
-        for target in filter(None, (job.out, job.prob_out)):
+        for target in filter(None, (job.out, job.prob_out, *job.pictures.values())):
             if target.resolve() in inputs:
                 raise OutputError(f"{target}: is an input file; inputs are never overwritten")
             if target.exists() and not overwrite:
@@ -238,6 +250,36 @@ def _load(job: Job, model: RNCA, options: RefineOptions) -> tuple[io.Loaded, io.
             f"{job.mask}: mask shape {mask.data.shape} differs from image {image.path} shape {image.data.shape[:-1]}"
         )
     return image, mask, match_channels(image.data, model.config.image_channels, image.path)
+
+
+def _middle(a: np.ndarray, axis: int, volume: bool) -> np.ndarray:
+    """The middle slice along ``axis`` of a volume's array; a 2D array as it is."""
+    return np.take(a, a.shape[axis] // 2, axis=axis) if volume else a
+
+
+def _pictures(job: Job, model: RNCA, image: np.ndarray, mask: io.Loaded, binary: np.ndarray,
+              options: RefineOptions) -> None:
+    """The overlay and trajectory pictures of one case (a volume: of its middle slice along ``axis``)."""
+    from . import pictures
+
+    volume = mask.is_volume
+    img, before, after = (_middle(a, options.axis, volume) for a in (image, mask.data, binary))
+    if "overlay" in job.pictures:
+        io.make_folder(job.pictures["overlay"].parent)
+        pictures.overlay(img, before, after, job.pictures["overlay"])
+    if "strip" in job.pictures:
+        seed = options.seed + (mask.data.shape[options.axis] // 2 if volume else 0)  # the slice's seed
+        device = _model_device(model)
+        with torch.no_grad():
+            history = model.rollout(torch.from_numpy(np.ascontiguousarray(img, np.float32)).permute(2, 0, 1)[None].to(device),
+                                    torch.from_numpy(np.ascontiguousarray(before, np.float32))[None].to(device),
+                                    options.steps, seeds=torch.tensor([seed], device=device), record=True)[1]
+        maps = history[:, 0].clamp(0, 1).cpu().numpy()
+        scale = max(1, 256 // max(before.shape))
+        io.make_folder(job.pictures["strip"].parent)
+        pictures.trajectory_strip([{"image": img, "coarse": before, "steps": {
+            t: maps[t - 1] for t in pictures.recorded_steps(options.steps)}}], job.pictures["strip"], scale)
+        pictures.trajectory_gif(img, [before, *maps], job.pictures["gif"], scale)
 
 
 def _write(job: Job, mask: io.Loaded, prob: np.ndarray, options: RefineOptions) -> CaseResult:
@@ -268,8 +310,10 @@ def run_jobs(
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
 
-    def finish(job: Job, mask: io.Loaded, prob: np.ndarray) -> None:
+    def finish(job: Job, mask: io.Loaded, prob: np.ndarray, image: np.ndarray) -> None:
         results.append(_write(job, mask, prob, options))
+        if job.pictures:
+            _pictures(job, model, image, mask, prob >= options.threshold, options)
         if on_case:
             on_case(results[-1])
 
@@ -280,8 +324,8 @@ def run_jobs(
         masks = np.stack([m.data for _, m, _ in pending])
         probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile,
                              options.precision, progress)
-        for (job, mask, _), prob in zip(pending, probs):
-            finish(job, mask, prob)
+        for (job, mask, image), prob in zip(pending, probs):
+            finish(job, mask, prob, image)
         pending.clear()
 
     for job in jobs:
@@ -291,7 +335,7 @@ def run_jobs(
             finish(job, mask, refine_array(
                 model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile,
                 options.precision, progress,
-            ))
+            ), image_data)
             continue
         if pending and pending[0][1].data.shape != mask.data.shape:
             flush()

@@ -20,7 +20,9 @@ One iteration, top to bottom (:func:`train_step`):
 The run folder (:class:`Run`) holds ``config.json`` (every option, the data's case ids and digest,
 the rnca version), ``command.txt``, ``log.csv``, ``last.pt`` (the weights and everything
 ``--resume`` needs: optimizer, schedule, pool, iteration, every generator's state) and, with
-validation, ``best.pt`` and ``final.csv`` (coarse, best and last compared). A run killed at any
+validation, ``best.pt``, ``final.csv`` (coarse, best and last compared) and pictures:
+``curves.png`` (loss and validation metrics) and ``trajectory.png`` / ``.gif`` (validation cases
+repaired step by step). A run killed at any
 moment and resumed ends with the weights of the same run uninterrupted, on the same device and
 thread count.
 """
@@ -40,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import io
+from . import io, pictures
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
@@ -416,6 +418,7 @@ class Run:
         self.out = Path(out)
         self.config, self.log = self.out / "config.json", self.out / "log.csv"
         self.last, self.best, self.final = self.out / "last.pt", self.out / "best.pt", self.out / "final.csv"
+        self.curves = self.out / "curves.png"
 
     def start(self, record: dict, overwrite: bool) -> None:
         """A new run: refuse a folder that holds one unless ``overwrite``; write the records."""
@@ -426,7 +429,7 @@ class Run:
                 if path.exists():
                     raise OutputError(f"{path}: already exists; pass --overwrite, --resume {self.out}, or another --out")
         io.make_folder(self.out)
-        for stale in (self.best, self.final):  # an overwritten run's best must not outlive it
+        for stale in (self.best, self.final, self.curves):  # an overwritten run's pictures must not outlive it
             stale.unlink(missing_ok=True)
         self._write_text(self.config, json.dumps(record, indent=2) + "\n")
         self._write_text(self.out / "command.txt", " ".join(sys.argv) + "\n")
@@ -536,6 +539,7 @@ def train(
         save_checkpoint(run.last, model, {**provenance, "iterations": it, "train_seconds": round(offset + elapsed, 1)},
                         training)
         run.write_log(rows)
+        pictures.curves(rows, run.curves)
 
     it = start_it
     with float32_convolutions(device):  # CUDA trains like the CPU, to float rounding (see there)
@@ -580,7 +584,31 @@ def train(
             table.append(["best", best["iteration"], *(best[m] for m in METRICS)])
         table.append(["last", it, *(last_val[m] for m in METRICS)])
         io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
+        repair_pictures(model, data.val[:4], config.steps, config.seed, run.out)
     return model, (run.best if run.best.exists() else run.last)
+
+
+@torch.no_grad()
+def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, out: Path) -> list[Path]:
+    """``out/trajectory.png``: the cases repaired step by step (image, coarse mask, a few steps,
+    ground truth, a row each), and ``out/trajectory.gif``, the first case step by step."""
+    rows, first = [], None
+    device = next(model.parameters()).device
+    for case in cases:
+        image = torch.from_numpy(case.image).permute(2, 0, 1)[None].to(device)
+        coarse = torch.from_numpy(case.coarse)[None].to(device)
+        history = model.rollout(image, coarse, steps, seeds=torch.tensor([seed], device=device), record=True)[1]
+        maps = history[:, 0].clamp(0, 1).cpu().numpy()  # (steps, H, W)
+        rows.append({"image": case.image, "coarse": case.coarse, "target": case.target,
+                     "steps": {t: maps[t - 1] for t in pictures.recorded_steps(steps)}})
+        first = first or (case, maps)
+    scale = max(1, 128 // max(cases[0].target.shape)) if cases else 1
+    written = [pictures.trajectory_strip(rows, out / "trajectory.png", scale)]
+    if first is not None:
+        case, maps = first
+        written.append(pictures.trajectory_gif(case.image, [case.coarse, *maps], out / "trajectory.gif", scale,
+                                               case.target))
+    return written
 
 
 def train_files(

@@ -307,3 +307,27 @@ def test_paths_are_printed_exactly_as_given(tmp_path, png_folders, model_file, n
     result = rnca("refine", "-i", images / "case0.png", "-m", missing, "--model", model_file)
     assert result.exit_code == 1, result.output
     assert str(missing) in result.output and "Traceback" not in result.output
+
+
+def test_refine_saves_overlay_and_trajectory_pictures(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    over, traj = tmp_path / "overlay", tmp_path / "trajectory"
+    args = ["refine", "-i", images, "-m", masks, "-o", tmp_path / "out", "--model", model_file, "--steps", 5,
+            "--save-overlay", over, "--save-trajectory", traj]
+    result = rnca(*args)
+    assert result.exit_code == 0, result.output
+    for k in range(3):
+        with Image.open(over / f"case{k}.png") as overlay:
+            assert overlay.size == (32, 32) and overlay.mode == "RGB"
+        with Image.open(traj / f"case{k}.gif") as gif:
+            assert gif.n_frames == 6  # the coarse mask and 5 steps
+        with Image.open(traj / f"case{k}.png") as strip:
+            assert strip.height > 32
+    refined = np.asarray(Image.open(tmp_path / "out" / "case0.png")) > 0
+    coarse = np.asarray(Image.open(masks / "case0.png")) > 0
+    pixels = np.asarray(Image.open(over / "case0.png")).reshape(-1, 3)
+    added = int((refined & ~coarse).sum())
+    assert int((pixels == (40, 200, 60)).all(1).sum()) == added  # green marks exactly the added pixels
+    again = rnca(*args[:6], tmp_path / "out2", *args[7:])
+    assert again.exit_code == 1 and "case0.png: already exists" in again.output  # pictures are outputs too
+    assert not (tmp_path / "out2").exists()

@@ -162,6 +162,16 @@ def test_validation_metrics_are_logged_and_best_changes_only_when_the_selected_m
     with open(tmp_path / "run" / "final.csv") as f:
         final = list(csv.DictReader(f))
     assert [r["masks"] for r in final] == ["coarse", "best", "last"]
+    from PIL import Image
+
+    def opened(name):
+        with Image.open(tmp_path / "run" / name) as im:
+            return im.size, getattr(im, "n_frames", 1)
+
+    assert opened("curves.png")[0] == (360, 5 * 200)  # loss and 4 validation panels
+    (width, height), _ = opened("trajectory.png")  # 2 cases: image, coarse, 4 steps, truth
+    assert height == 2 * (4 * 32 + 14 + 4) and width > 7 * 4 * 32
+    assert opened("trajectory.gif")[1] == 5  # the coarse mask and 4 steps
     assert float(final[1]["dice"]) == pytest.approx(running, rel=1e-5)
 
 
