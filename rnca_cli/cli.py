@@ -267,6 +267,8 @@ def refine(
     precision: Annotated[
         str, typer.Option(help="Number format of the per-pixel MLP: fp32, bf16 or fp16 (half precision is for GPUs).")
     ] = R.precision,
+    num_parts: Annotated[int, typer.Option("--num-parts", "-num_parts", help="Folder mode: split the cases into this many parts (a cluster job array).")] = R.num_parts,
+    part_id: Annotated[int, typer.Option("--part-id", "-part_id", help="Which part this run refines, 0..num-parts-1 (every num-parts-th case by case id).")] = R.part_id,
     seed: Seed = R.seed,
     device: Device = "auto",
     threads: Threads = 0,
@@ -278,7 +280,8 @@ def refine(
 
     options = RefineOptions(steps=steps, threshold=threshold, seed=seed, axis=axis, label=label,
                             save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite,
-                            save_overlay=save_overlay, save_trajectory=save_trajectory)
+                            save_overlay=save_overlay, save_trajectory=save_trajectory, num_parts=num_parts,
+                            part_id=part_id)
     _set_threads(threads)
     # The bar counts pixels, so that one large image or volume shows progress too (tile by tile,
     # pass by pass); it stays hidden for a single case that is one forward pass.

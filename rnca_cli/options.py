@@ -30,6 +30,8 @@ class RefineOptions:
     tile: int = 768  # core side; with a 129-pixel halo (64 steps) about 1 GB of working memory
     precision: str = "fp32"
     overwrite: bool = False
+    num_parts: int = 1  # folder mode: refine only every num_parts-th case, starting at part_id
+    part_id: int = 0
     save_overlay: Path | None = None  # folder: one picture per case, pixels added (green) and removed (red)
     save_trajectory: Path | None = None  # folder: each case repaired step by step (strip and GIF)
 
@@ -46,6 +48,8 @@ class RefineOptions:
             raise UsageError(f"tile must be >= {BLOCK}")
         if self.precision not in PRECISION_NAMES:
             raise UsageError(f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}")
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise UsageError(f"part-id must be in 0..num-parts-1 and num-parts >= 1, not {self.part_id} of {self.num_parts}")
 
 
 # --select choices: validation metric -> +1 (higher is better) or -1 (lower is better)

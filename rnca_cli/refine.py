@@ -187,7 +187,9 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
 
 
 def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineOptions) -> tuple[list[Job], io.Pairing]:
-    """Jobs for every paired case; outputs ``out_dir/<case><suffix>``, probabilities in ``out_dir/prob``."""
+    """Jobs for every paired case (with ``num_parts`` > 1, every ``num_parts``-th case by case id from
+    ``part_id`` on, so that a job array's parts together make one whole run); outputs
+    ``out_dir/<case><suffix>``, probabilities in ``out_dir/prob``."""
     pairing = io.pair_folders(image_dir, mask_dir)
     if not pairing.cases:
         raise InputError(f"{image_dir}: no image has a mask with the same case id in {mask_dir}")
@@ -196,7 +198,7 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
     if out_dir.resolve() == mask_dir.resolve():
         raise OutputError(f"{out_dir}: is the mask folder; inputs are never overwritten, choose another --out")
     jobs = []
-    for case in pairing.cases:
+    for case in pairing.cases[options.part_id :: options.num_parts]:  # parts of a job array, nnU-Net's way
         name = case.case_id + io.output_suffix(case.mask)
         prob = out_dir / "prob" / name if options.save_prob else None
         jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask),
@@ -384,6 +386,8 @@ def refine_files(
         unmatched = [("image, skipped", p) for p in pairing.unmatched_images]
         unmatched += [("mask, skipped", p) for p in pairing.unmatched_masks]
     else:
+        if options.num_parts > 1:
+            raise UsageError("--num-parts splits a folder; give --image and --mask folders")
         jobs = plan_single(image, mask, out, options)
     torch_device = resolve_device(device)
     net = load_model(model, torch_device)

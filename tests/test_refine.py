@@ -147,3 +147,26 @@ def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
     rf.run_jobs(model, jobs, rf.RefineOptions(steps=2), cases.append, told.append)
     assert sum(told) == sum(job.pixels for job in jobs) == sum(read_mask(job.mask).data.size for job in jobs)
     assert [c.case_id for c in cases] == [job.case_id for job in jobs]
+
+
+def test_parts_cover_the_folder_once_and_equal_one_whole_run(tmp_path, model_file):
+    """--num-parts 3: each case in exactly one part, and the parts' files equal a whole run's."""
+    from rnca_cli.checkpoint import load_model
+    from rnca_cli.refine import RefineOptions, refine_files
+
+    rng = np.random.default_rng(0)
+    for k in range(7):
+        write_png(tmp_path / "images" / f"c{k}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        write_png(tmp_path / "masks" / f"c{k}.png", ring(32, 6 + k % 3, 2, gap=True).astype(np.uint8) * 255)
+    whole = refine_files(tmp_path / "images", tmp_path / "masks", tmp_path / "whole", str(model_file),
+                         RefineOptions(steps=4), "cpu")
+    seen = []
+    for part in range(3):
+        run = refine_files(tmp_path / "images", tmp_path / "masks", tmp_path / "parts", str(model_file),
+                           RefineOptions(steps=4, num_parts=3, part_id=part), "cpu")
+        seen += [r.case_id for r in run.results]
+    assert sorted(seen) == sorted(r.case_id for r in whole.results) and len(seen) == 7
+    for k in range(7):
+        assert (tmp_path / "parts" / f"c{k}.png").read_bytes() == (tmp_path / "whole" / f"c{k}.png").read_bytes()
+    with pytest.raises(ValueError, match="part-id must be in 0..num-parts-1"):
+        RefineOptions(num_parts=3, part_id=3)
