@@ -200,6 +200,9 @@ def train(
 
     if (out is None) == (resume is None):
         raise UsageError("give --out for a new run or --resume RUN_DIR to continue one")
+    import os
+
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 reports for all
     config = TrainConfig(
         iterations=iterations, time_budget=parse_duration(time_budget) if time_budget else None, pool=pool,
         batch=batch, replace=replace, steps=steps, min_step=min_step, lr=lr, schedule=schedule, warmup=warmup,

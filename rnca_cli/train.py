@@ -336,6 +336,75 @@ class Pool:
             self.states[slots] = model.initial_state(self.coarse(new))
 
 
+# -- data parallel ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    """This process's place in a data-parallel run. ``torchrun --nproc_per_node N -m rnca_cli train``
+    sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; each rank keeps its own shard of the pool
+    (``pool / N`` states, ``batch / N`` samples an iteration), the gradients are averaged over the
+    ranks before each optimizer step (PyTorch DDP's all-reduce, called explicitly because a step
+    does not run through a module's ``forward``), and rank 0 validates and writes the run folder."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, model: RNCA) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean(self, value: float, device: torch.device) -> float:
+        """``value`` averaged over the ranks."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on some rank (so that every rank stops at the same iteration)."""
+        return self.mean(float(flag), device) > 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def ranks_from_environment(device: torch.device) -> Ranks:
+    """A single process, or this rank of a ``torchrun`` launch (process group started: gloo on
+    CPUs, NCCL on GPUs)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 # -- one iteration -------------------------------------------------------------------------------
 
 
@@ -371,9 +440,10 @@ def unroll(
 
 def train_step(
     model: RNCA, engine: Engine, opt: torch.optim.Optimizer, pool: Pool, cfg: TrainConfig,
-    index_gen: torch.Generator, step_gen: torch.Generator,
+    index_gen: torch.Generator, step_gen: torch.Generator, ranks: Ranks = Ranks(),
 ) -> float:
-    """One pool iteration (module docstring, points 1-5). Returns the loss."""
+    """One pool iteration (module docstring, points 1-5); ``cfg`` holds this rank's batch. Returns
+    the loss (averaged over the ranks)."""
     slots = torch.randperm(pool.states.shape[0], generator=index_gen, device=index_gen.device)[: cfg.batch]
     pool.refresh(model, slots[: cfg.replace], index_gen)
     which = pool.which[slots]
@@ -387,10 +457,11 @@ def train_step(
 
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    ranks.average_gradients(model)
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
     opt.step()
     pool.states[slots] = at_t_star.contiguous()
-    return float(loss.detach())
+    return ranks.mean(float(loss.detach()), image.device)
 
 
 def learning_rate_factor(cfg: TrainConfig, it: int) -> float:
@@ -479,6 +550,7 @@ def train(
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     resume: bool = False,
+    ranks: Ranks = Ranks(),
 ) -> tuple[RNCA, Path]:
     """Train on ``data`` into the run folder ``out`` (module docstring); with ``resume``, continue
     the run in ``out`` from its ``last.pt``. Stops at ``config.iterations`` or once
@@ -495,18 +567,32 @@ def train(
               "train_cases": data.train_ids, "val_cases": [c.case_id for c in data.val],
               "data_digest": data.digest(), "data": data.description}
     run = Run(out)
-    run.check_resume(record) if resume else run.start(record, overwrite)
+    if ranks.world > 1:
+        from dataclasses import replace
 
-    torch.manual_seed(config.seed)  # parameter initialisation
+        if resume:
+            raise UsageError("--resume continues a single-process run; resume without torchrun")
+        if config.batch % ranks.world or config.pool % ranks.world or config.replace % ranks.world:
+            raise UsageError(f"--batch, --pool and --replace must divide among {ranks.world} ranks")
+        shard = replace(config, batch=config.batch // ranks.world, pool=config.pool // ranks.world,
+                        replace=config.replace // ranks.world)
+    else:
+        shard = config
+    if ranks.main:
+        run.check_resume(record) if resume else run.start(record, overwrite)
+    ranks.barrier()
+
+    torch.manual_seed(config.seed)  # parameter initialisation, the same on every rank
     model = RNCA(model_config).to(device).train()
     engine = select_engine(device, torch.float32, model)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                             weight_decay=config.weight_decay)
-    index_gen, step_gen = make_generator(device, config.seed), make_generator(device, config.seed + 1)
+    rank_seed = config.seed + 1_000_003 * ranks.rank  # each rank draws its own samples
+    index_gen, step_gen = make_generator(device, rank_seed), make_generator(device, rank_seed + 1)
     train_set = data.train.to(device)
     share = config.perturb_share if config.perturb_share is not None else (0.5 if data.has_states else 1.0)
-    corrupt = Corruption(config.perturb, share, config.seed) if config.perturb else None
-    pool = Pool(model, train_set, config.pool, index_gen, corrupt)
+    corrupt = Corruption(config.perturb, share, rank_seed) if config.perturb else None
+    pool = Pool(model, train_set, shard.pool, index_gen, corrupt)
     start_it, best, rows = 0, None, []
     if resume:
         payload = read_checkpoint(run.last)
@@ -546,19 +632,19 @@ def train(
         for it in range(start_it + 1, config.iterations + 1):
             for group in opt.param_groups:
                 group["lr"] = config.lr * learning_rate_factor(config, it)
-            loss = train_step(model, engine, opt, pool, config, index_gen, step_gen)
+            loss = train_step(model, engine, opt, pool, shard, index_gen, step_gen, ranks)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"{run.out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
                     "try a smaller --lr"
                 )
             elapsed = time.perf_counter() - started
-            out_of_time = config.time_budget is not None and elapsed >= config.time_budget
+            out_of_time = ranks.any(config.time_budget is not None and elapsed >= config.time_budget, device)
             last = it == config.iterations or out_of_time
             row = {"iteration": it, "loss": f"{loss:.6g}", "lr": f"{opt.param_groups[0]['lr']:.6g}",
                    "seconds": f"{offset + elapsed:.2f}"}
             val = None
-            if data.val and (it % config.val_every == 0 or last):
+            if ranks.main and data.val and (it % config.val_every == 0 or last):
                 model.eval()
                 val = score(refine_cases(model, data.val, config.steps, config.seed), data.val)
                 model.train()
@@ -569,22 +655,23 @@ def train(
                     save_checkpoint(run.best, model, {**provenance, "iterations": it, "selected_by": config.select,
                                                       **{f"val_{k}": v for k, v in val.items()}})
             rows.append(row)
-            if it % config.save_every == 0 or last:
+            if ranks.main and (it % config.save_every == 0 or last):
                 save_last(it, elapsed)
-            if on_progress:
+            if on_progress and ranks.main:
                 on_progress(Progress(it, config.iterations, loss, (it - start_it) / elapsed if elapsed > 0 else 0.0, val))
             if out_of_time:
                 break
-    if it == start_it:  # nothing left to do (a resumed run that had finished)
+    if it == start_it and ranks.main:  # nothing left to do (a resumed run that had finished)
         save_last(it, 0.0)
     model.eval()
-    if data.val and last_val is not None:
+    if ranks.main and data.val and last_val is not None:
         table = [["coarse", "", *(coarse_metrics[m] for m in METRICS)]]
         if best is not None:
             table.append(["best", best["iteration"], *(best[m] for m in METRICS)])
         table.append(["last", it, *(last_val[m] for m in METRICS)])
         io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
         repair_pictures(model, data.val[:4], config.steps, config.seed, run.out)
+    ranks.barrier()
     return model, (run.best if run.best.exists() else run.last)
 
 
@@ -627,8 +714,17 @@ def train_files(
     from .device import resolve_device
 
     torch_device = resolve_device(device)
-    data = load_dataset(images, labels, states, config, label, val_images, val_labels, val_states)
-    if on_start:
-        on_start(data, torch_device)
-    model_config = replace(model_config, image_channels=data.train.images.shape[1])
-    return train(data, out, config, model_config, torch_device, overwrite, on_progress, resume)[1]
+    ranks = ranks_from_environment(torch_device)
+    if ranks.world > 1 and torch_device.type == "cuda":
+        torch_device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
+    try:
+        data = load_dataset(images, labels, states, config, label, val_images, val_labels, val_states)
+        if on_start and ranks.main:
+            on_start(data, torch_device)
+        model_config = replace(model_config, image_channels=data.train.images.shape[1])
+        return train(data, out, config, model_config, torch_device, overwrite, on_progress, resume, ranks)[1]
+    finally:
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

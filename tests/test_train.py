@@ -346,3 +346,40 @@ def test_unroll_drops_finished_samples_without_changing_loss_or_gradients(engine
         assert torch.allclose(at_t[i], ref_at[i], atol=1e-6)
     for a, b in zip(fast, slow):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_data_parallel_training_with_two_gloo_processes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): a few iterations, the gradients averaged, one run folder."""
+    import json
+    import subprocess
+    import sys
+
+    images, labels, states = make_folders(tmp_path, n=4)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rnca_cli",
+         "train", "--images", str(images), "--labels", str(labels), "--states", str(states), "-o", str(tmp_path / "run"),
+         "--iterations", "3", "--pool", "8", "--batch", "4", "--replace", "2", "--steps", "4", "--patch", "32",
+         "--channels", "4", "--hidden", "8", "--threads", "1", "--device", "cpu", "-q"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    _, provenance = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert provenance["iterations"] == 3
+    with open(tmp_path / "run" / "log.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3]  # one log, written by rank 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]["batch"] == 4
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["command.txt", "config.json", "curves.png",
+                                                                     "last.pt", "log.csv"]
+
+
+def test_gradient_averaging_over_ranks_is_the_mean(monkeypatch):
+    """What each rank applies is the mean of the ranks' gradients (all_reduce sums, then / world)."""
+    import torch.distributed as dist
+
+    model = tiny_model()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))  # two ranks with equal gradients: sum = 2x
+    tr.Ranks(rank=0, world=2).average_gradients(model)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
