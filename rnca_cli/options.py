@@ -70,6 +70,8 @@ class TrainConfig:
     then corrupts the sample's ground truth afresh, with probability ``perturb_share`` (default 1
     without stored coarse masks, 0.5 with them). ``schedule``: the learning rate is constant, or
     follows a cosine from ``lr`` to 0 over ``iterations``; either after ``warmup`` linear steps.
+    ``loss``, ``far_weight``: the objective (:mod:`rnca_cli.losses`). ``ema``: validate and keep
+    ``best.pt`` with an exponential moving average of the weights of this decay (0: off).
     """
 
     iterations: int = 2000
@@ -90,6 +92,9 @@ class TrainConfig:
     overlap: float = 0.25
     perturb: str | None = None
     perturb_share: float | None = None
+    loss: str = "mse"
+    far_weight: float = 0.0
+    ema: float = 0.0
     val_cases: int = 0
     val_fraction: float = 0.0
     val_every: int = 100
@@ -116,6 +121,8 @@ class TrainConfig:
             (0 <= self.overlap < 1, "overlap must be in [0, 1)"),
             (self.perturb_share is None or 0 <= self.perturb_share <= 1, "perturb-share must be in [0, 1]"),
             (self.perturb_share is None or self.perturb is not None, "perturb-share needs a --perturb recipe"),
+            (self.far_weight >= 0, "far-weight must be >= 0"),
+            (0 <= self.ema < 1, "ema must be in [0, 1) (0: off)"),
             (self.val_cases >= 0, "val-cases must be >= 0"),
             (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
             (not (self.val_cases and self.val_fraction), "give --val-cases or --val-fraction, not both"),
@@ -131,6 +138,9 @@ class TrainConfig:
             from .perturb import parse_recipe
 
             parse_recipe(self.perturb)  # a malformed recipe is refused before any data is read
+        from .losses import parse_loss
+
+        parse_loss(self.loss)
 
 
 def parse_duration(text: str) -> float:

@@ -12,7 +12,8 @@ One iteration, top to bottom (:func:`train_step`):
 1. draw ``batch`` pool entries; replace ``replace`` of them with fresh states made from coarse masks;
 2. draw a loss step t* ~ U[min_step, steps] per sample and unroll the automaton; a sample leaves
    the batch once its t* has passed (its later steps could not change the loss), see :func:`unroll`;
-3. loss = mean over samples of MSE(visible channel at t*, target);
+3. loss = mean over samples of the objective at t* (the paper's MSE of the visible channel against
+   the target by default; :mod:`rnca_cli.losses`);
 4. AdamW step with the gradient norm clipped to ``clip``, at the schedule's learning rate;
 5. write each sample's state at its t* back into the pool, so later iterations continue from it
    (the pool teaches the automaton to keep a repaired mask stable, not only to reach it).
@@ -29,6 +30,7 @@ thread count.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -46,6 +48,7 @@ from . import io, pictures
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
+from .losses import far_from, parse_loss, sample_losses
 from .errors import InputError, OutputError, TrainingError, UsageError
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig
@@ -55,18 +58,25 @@ from .validation import METRICS, ValCase, better, coarse_score, refine_cases, sc
 
 @dataclass
 class PatchSet:
-    """Training windows: images (N, C, P, P), targets (N, P, P) in {0, 1}, coarse (N, P, P)."""
+    """Training windows: images (N, C, P, P), targets (N, P, P) in {0, 1}, coarse (N, P, P), and
+    which pixels lie far from the target (N, P, P) bool (:func:`rnca_cli.losses.far_from`)."""
 
     images: torch.Tensor
     targets: torch.Tensor
     coarse: torch.Tensor
     case_ids: list[str]
+    far: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.far is None:
+            self.far = torch.from_numpy(far_from(self.targets.cpu().numpy() > 0.5)).to(self.targets.device)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device) -> "PatchSet":
-        return PatchSet(self.images.to(device), self.targets.to(device), self.coarse.to(device), self.case_ids)
+        return PatchSet(self.images.to(device), self.targets.to(device), self.coarse.to(device), self.case_ids,
+                        self.far.to(device))
 
 
 @dataclass
@@ -230,6 +240,8 @@ def _read_case(case: io.Case, label: int | None, channels: int | None) -> tuple[
         raise InputError(f"{image.path}: {image.data.shape[-1]} channels, earlier cases have {channels}")
     if target.data.shape != image.data.shape[:-1]:
         raise InputError(f"{target.path}: shape {target.data.shape} differs from image {image.path} {image.data.shape[:-1]}")
+    if not np.isin(target.data, (0.0, 1.0)).all():
+        raise InputError(f"{target.path}: ground truth is not binary (soft values); pass a binary mask, or --label N")
     return image, target
 
 
@@ -410,10 +422,12 @@ def ranks_from_environment(device: torch.device) -> Ranks:
 
 def unroll(
     model: RNCA, engine: Engine, state: torch.Tensor, image: torch.Tensor, target: torch.Tensor, noise: FireNoise,
-    t_star: torch.Tensor,
+    t_star: torch.Tensor, terms: list[tuple[str, float]] = (("mse", 1.0),), far: torch.Tensor | None = None,
+    far_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unroll each sample to its own loss step; returns (sum over samples of the MSE of the visible
-    channel at t* against ``target``, the detached states at t*).
+    """Unroll each sample to its own loss step; returns (sum over samples of the loss of the visible
+    channel at t* against ``target``: ``terms`` of :func:`rnca_cli.losses.sample_losses`, the
+    paper's MSE by default; the detached states at t*).
 
     state (B, K, P, P) channels_last, image (B, C, P, P), target (B, P, P), t_star (B,) in 1..
     Samples are independent (per-sample convolutions and update masks), so one whose t* has passed
@@ -429,7 +443,9 @@ def unroll(
         hit = t_star[left] == t  # (len(left),)
         if not bool(hit.any()):
             continue
-        loss = loss + ((state[hit, 0] - target[left[hit]]) ** 2).mean(dim=(1, 2)).sum()
+        done = left[hit]
+        loss = loss + sample_losses(terms, state[hit, 0], target[done], None if far is None else far[done],
+                                    far_weight).sum()
         at_t_star[left[hit]] = state[hit].detach()
         go_on = ~hit
         if bool(go_on.any()):
@@ -452,7 +468,8 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
-    loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star)
+    loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star, parse_loss(cfg.loss),
+                             pool.patches.far[which], cfg.far_weight)
     loss = loss / cfg.batch
 
     opt.zero_grad(set_to_none=True)
@@ -593,6 +610,8 @@ def train(
     share = config.perturb_share if config.perturb_share is not None else (0.5 if data.has_states else 1.0)
     corrupt = Corruption(config.perturb, share, rank_seed) if config.perturb else None
     pool = Pool(model, train_set, shard.pool, index_gen, corrupt)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema else None  # what validation sees
+    evaluated = ema or model
     start_it, best, rows = 0, None, []
     if resume:
         payload = read_checkpoint(run.last)
@@ -607,6 +626,8 @@ def train(
         step_gen.set_state(state["generators"]["step"])
         if corrupt is not None:
             corrupt.rng.bit_generator.state = state["corruption_rng"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_it, best = int(state["iteration"]), state["best"]
         rows = [r for r in run.read_log() if int(r["iteration"]) <= start_it]
 
@@ -622,6 +643,8 @@ def train(
                     "generators": {"index": index_gen.get_state(), "step": step_gen.get_state()}}
         if corrupt is not None:
             training["corruption_rng"] = corrupt.rng.bit_generator.state
+        if ema is not None:
+            training["ema"] = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
         save_checkpoint(run.last, model, {**provenance, "iterations": it, "train_seconds": round(offset + elapsed, 1)},
                         training)
         run.write_log(rows)
@@ -633,6 +656,10 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = config.lr * learning_rate_factor(config, it)
             loss = train_step(model, engine, opt, pool, shard, index_gen, step_gen, ranks)
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), model.parameters()):
+                        pe.mul_(config.ema).add_(p, alpha=1 - config.ema)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"{run.out}: training diverged at iteration {it} (loss {loss}); the last good checkpoint is kept; "
@@ -646,13 +673,13 @@ def train(
             val = None
             if ranks.main and data.val and (it % config.val_every == 0 or last):
                 model.eval()
-                val = score(refine_cases(model, data.val, config.steps, config.seed), data.val)
+                val = score(refine_cases(evaluated, data.val, config.steps, config.seed), data.val)
                 model.train()
                 row.update({f"val_{k}": f"{v:.6g}" for k, v in val.items()})
                 last_val = val
                 if better(config.select, val[config.select], None if best is None else best[config.select]):
                     best = {**val, "iteration": it}
-                    save_checkpoint(run.best, model, {**provenance, "iterations": it, "selected_by": config.select,
+                    save_checkpoint(run.best, evaluated, {**provenance, "iterations": it, "selected_by": config.select,
                                                       **{f"val_{k}": v for k, v in val.items()}})
             rows.append(row)
             if ranks.main and (it % config.save_every == 0 or last):
@@ -670,7 +697,7 @@ def train(
             table.append(["best", best["iteration"], *(best[m] for m in METRICS)])
         table.append(["last", it, *(last_val[m] for m in METRICS)])
         io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
-        repair_pictures(model, data.val[:4], config.steps, config.seed, run.out)
+        repair_pictures(evaluated, data.val[:4], config.steps, config.seed, run.out)
     ranks.barrier()
     return model, (run.best if run.best.exists() else run.last)
 

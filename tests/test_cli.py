@@ -331,3 +331,43 @@ def test_refine_saves_overlay_and_trajectory_pictures(tmp_path, png_folders, mod
     again = rnca(*args[:6], tmp_path / "out2", *args[7:])
     assert again.exit_code == 1 and "case0.png: already exists" in again.output  # pictures are outputs too
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("size", 1, "c1.png: shape (16, 16) differs from image"),
+    ("soft_label", 1, "c1.png: ground truth is not binary"),
+    ("select", 2, "unknown --select metric 'iou'"),
+    ("recipe", 2, "unknown operator 'smudge'"),
+    ("empty", 1, "nothing to train on"),
+    ("fraction", 2, "--val-fraction holds out 4 of 4 cases and leaves none to train on"),
+    ("resume", 2, "the run used lr=0.0001, not 0.001"),
+])
+def test_train_bad_input_is_one_line_and_overwrites_nothing(tmp_path, case, code, message):
+    images, labels, states = make_folders(tmp_path, n=4)
+    base = ["train", "--images", images, "--labels", labels, "--states", states, "--iterations", 1, "--pool", 2,
+            "--batch", 2, "--replace", 1, "--steps", 2, "--patch", 32, "--channels", 4, "--hidden", 8]
+    out, extra = tmp_path / "run", []
+    if case == "size":
+        write_png(labels / "c1.png", np.zeros((16, 16), np.uint8))
+    elif case == "soft_label":
+        write_png(labels / "c1.png", (np.arange(32 * 32).reshape(32, 32) % 200 + 40).astype(np.uint8))
+    elif case == "select":
+        extra = ["--select", "iou"]
+    elif case == "recipe":
+        extra = ["--perturb", "breaks:0.5,smudge:1"]
+    elif case == "empty":
+        for k in range(4):
+            write_png(states / f"c{k}.png", np.zeros((32, 32), np.uint8))
+    elif case == "fraction":
+        extra = ["--val-fraction", "0.99"]
+    else:
+        assert rnca(*base, "-o", out, "-q").exit_code == 0
+        extra = ["--lr", 0.001]
+    before = {p: p.read_bytes() for p in out.rglob("*")} if out.exists() else None
+    result = rnca(*base, *extra, *(["--resume", out] if case == "resume" else ["-o", out]), "-q")
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output and result.output.count("\n") == 1
+    if before is None:
+        assert not out.exists()
+    else:
+        assert {p: p.read_bytes() for p in out.rglob("*")} == before

@@ -383,3 +383,20 @@ def test_gradient_averaging_over_ranks_is_the_mean(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))  # two ranks with equal gradients: sum = 2x
     tr.Ranks(rank=0, world=2).average_gradients(model)
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+
+
+def test_resume_restores_ema_optimizer_and_pool_exactly(tmp_path):
+    """Four iterations at once, or two and two more with --resume: the same weights and EMA."""
+    folders = make_folders(tmp_path, n=4)
+    options = dict(pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, lr=3e-3, ema=0.9, val_cases=1,
+                   val_every=2, loss="mse+dice", far_weight=2.0, perturb="specks:1.0", perturb_share=0.5)
+    whole = tr.TrainConfig(iterations=4, **options)
+    data = tr.load_dataset(*folders, whole)
+    a, _ = tr.train(data, tmp_path / "whole", whole, SMALL)
+    tr.train(data, tmp_path / "split", tr.TrainConfig(iterations=2, **options), SMALL)
+    b, _ = tr.train(data, tmp_path / "split", whole, SMALL, resume=True)
+    assert_same_weights(a, b)
+    ema_a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["training"]["ema"]
+    ema_b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["training"]["ema"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert not all(torch.equal(ema_a[k], a.state_dict()[k]) for k in ema_a)  # the average lags the weights
