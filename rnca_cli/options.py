@@ -48,9 +48,13 @@ class RefineOptions:
             raise UsageError(f"tile must be >= {BLOCK}")
         if self.precision not in PRECISION_NAMES:
             raise UsageError(f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise UsageError(f"seed must be in 0..2^62-1, not {self.seed}")
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
             raise UsageError(f"part-id must be in 0..num-parts-1 and num-parts >= 1, not {self.part_id} of {self.num_parts}")
 
+
+MAX_SEED = 1 << 62  # seeds stay int64 after the per-slice and per-rank offsets are added
 
 # --select choices: validation metric -> +1 (higher is better) or -1 (lower is better)
 SELECT_METRICS = {"betti_err": -1, "betti0_err": -1, "betti1_err": -1, "topology": 1, "cldice": 1, "dice": 1,
@@ -130,6 +134,7 @@ class TrainConfig:
              f"unknown --select metric {self.select!r}; choose from {', '.join(SELECT_METRICS)}"),
             (self.val_every >= 1 and self.save_every >= 1, "val-every and save-every must be >= 1"),
             (self.axis in (0, 1, 2), "axis must be 0, 1 or 2"),
+            (0 <= self.seed < MAX_SEED, f"seed must be in 0..2^62-1, not {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -371,3 +371,12 @@ def test_train_bad_input_is_one_line_and_overwrites_nothing(tmp_path, case, code
         assert not out.exists()
     else:
         assert {p: p.read_bytes() for p in out.rglob("*")} == before
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**62, -1])
+def test_out_of_range_seeds_are_usage_errors(tmp_path, png_folders, model_file, seed):
+    images, masks = png_folders
+    result = rnca("refine", "-i", images / "case0.png", "-m", masks / "case0.png", "-o", tmp_path / "o.png",
+                  "--model", model_file, "--seed", seed)
+    assert result.exit_code == 2 and "seed must be in 0..2^62-1" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o.png").exists()
