@@ -1,6 +1,6 @@
 """Training objectives on the visible channel at the loss step, per sample.
 
-A ``--loss`` is a ``+``-joined list of terms, each with an optional weight (``mse``,
+A ``--loss`` (parsed by :func:`rnca_cli.options.parse_loss`) is a ``+``-joined list of terms, each with an optional weight (``mse``,
 ``mse+cldice:0.5``, ``bce+dice``), summed per sample:
 
 * ``mse``: the paper's mean squared error of the visible channel against the ground truth;
@@ -22,29 +22,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .errors import UsageError
 
-TERMS = ("mse", "bce", "dice", "cldice")
 FAR = 3  # pixels: a false positive farther than this from the ground truth is a stray fragment
-
-
-def parse_loss(text: str) -> list[tuple[str, float]]:
-    """``"mse+cldice:0.5"`` -> [("mse", 1.0), ("cldice", 0.5)]."""
-    terms = []
-    for item in filter(None, (t.strip() for t in text.lower().split("+"))):
-        name, _, weight = item.partition(":")
-        if name not in TERMS:
-            raise UsageError(f"--loss {text!r}: unknown term {name!r}; terms are {', '.join(TERMS)}")
-        try:
-            value = float(weight) if weight else 1.0
-        except ValueError:
-            raise UsageError(f"--loss {text!r}: weight {weight!r} is not a number") from None
-        if not value > 0:
-            raise UsageError(f"--loss {text!r}: weights must be > 0")
-        terms.append((name, value))
-    if not terms:
-        raise UsageError(f"--loss {text!r}: name at least one of {', '.join(TERMS)}")
-    return terms
 
 
 def far_from(targets: np.ndarray) -> np.ndarray:

@@ -48,10 +48,10 @@ from . import io, pictures
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
-from .losses import far_from, parse_loss, sample_losses
+from .losses import far_from, sample_losses
 from .errors import InputError, OutputError, TrainingError, UsageError
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
-from .options import TrainConfig
+from .options import TrainConfig, parse_loss
 from .perturb import apply_recipe, parse_recipe
 from .validation import METRICS, ValCase, better, coarse_score, refine_cases, score
 

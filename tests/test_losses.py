@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rnca_cli.losses import FAR, far_from, parse_loss, sample_losses
+from rnca_cli.losses import FAR, far_from, sample_losses
+from rnca_cli.options import parse_loss
 
 RING = torch.zeros(1, 16, 16)
 RING[0, 4:12, 4:12] = 1.0

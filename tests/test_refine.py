@@ -151,7 +151,6 @@ def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
 
 def test_parts_cover_the_folder_once_and_equal_one_whole_run(tmp_path, model_file):
     """--num-parts 3: each case in exactly one part, and the parts' files equal a whole run's."""
-    from rnca_cli.checkpoint import load_model
     from rnca_cli.refine import RefineOptions, refine_files
 
     rng = np.random.default_rng(0)
