@@ -21,6 +21,8 @@ CONFIGS = {  # name -> options on top of the common ones
     "mse (paper)": ["--loss", "mse"],
     "mse, far-weight 4": ["--loss", "mse", "--far-weight", "4"],
     "mse + cldice 0.5": ["--loss", "mse+cldice:0.5"],
+    "mse + dice 0.5": ["--loss", "mse+dice:0.5"],
+    "bce": ["--loss", "bce"],
     "mse, far-weight 4, ema 0.99": ["--loss", "mse", "--far-weight", "4", "--ema", "0.99"],
     "mse + cldice 0.5, cosine, warm-up 30": ["--loss", "mse+cldice:0.5", "--schedule", "cosine", "--warmup", "30"],
     "mse + cldice 0.5, ema 0.9": ["--loss", "mse+cldice:0.5", "--ema", "0.9"],

@@ -380,3 +380,18 @@ def test_out_of_range_seeds_are_usage_errors(tmp_path, png_folders, model_file, 
                   "--model", model_file, "--seed", seed)
     assert result.exit_code == 2 and "seed must be in 0..2^62-1" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "perturb"])
+def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, command):
+    from test_io import png_claiming
+
+    (tmp_path / "labels").mkdir()
+    bomb = png_claiming(tmp_path / "labels" / "bomb.png", 30000, 30000)
+    if command == "evaluate":
+        result = rnca("evaluate", "--pred", bomb, "--gt", bomb)
+    else:
+        result = rnca("perturb", "--labels", tmp_path / "labels", "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "bomb.png: refused as a decompression bomb" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    assert not (tmp_path / "out").exists()

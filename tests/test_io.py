@@ -284,3 +284,33 @@ def test_a_new_format_is_one_registration(tmp_path, monkeypatch):
     assert io.list_files(tmp_path) == [tmp_path / "case.npy"]
     io.write_mask(tmp_path / "out.npy", loaded.data > 0, loaded)
     assert np.array_equal(np.load(tmp_path / "out.npy"), mask * 255)
+
+
+def png_claiming(path, width: int, height: int):
+    """A tiny PNG file whose header claims width x height gray pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("read", [io.read_mask, io.read_image, io.peek_shape])
+def test_a_decompression_bomb_is_one_input_error(tmp_path, read):
+    bomb = png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(InputError, match="bomb.png: refused as a decompression bomb"):
+        read(bomb)
+
+
+def test_a_large_image_opens_without_warning_lines(tmp_path):
+    import warnings
+
+    big = png_claiming(tmp_path / "big.png", 12000, 12000)  # above Pillow's warning limit, below its error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert io.peek_shape(big) == (12000, 12000)

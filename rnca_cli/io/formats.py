@@ -9,6 +9,8 @@ one suffix). Adding a format is one :class:`Format` and one :func:`register` cal
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +92,8 @@ def peek_shape(path: str | os.PathLike) -> tuple[int, ...]:
     fmt = checked_format(path)
     try:
         return fmt.shape(path)
+    except InputError:
+        raise
     except Exception as exc:  # each backend raises its own types for a damaged header
         raise InputError(f"{path}: cannot read file header ({exc})") from None
 
@@ -128,11 +132,27 @@ def _write_nifti(path: Path, data: np.ndarray, meta: dict[str, Any]) -> None:
 # -- 2D images (Pillow) -----------------------------------------------------------------------------
 
 
-def _read_pillow(path: Path) -> Raw:
-    from PIL import Image, UnidentifiedImageError
+@contextmanager
+def _opened(path: Path):
+    """``Image.open`` for rnca: an image too large to be anything but a decompression bomb is one
+    :class:`InputError` line in every command, and a large but plausible one opens without Pillow's
+    raw warning lines."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused as a decompression bomb ({exc})") from None
+
+
+def _read_pillow(path: Path) -> Raw:
+    from PIL import UnidentifiedImageError
+
+    try:
+        with _opened(path) as im:
             mode = im.mode
             if mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -151,9 +171,7 @@ def _read_pillow(path: Path) -> Raw:
 
 
 def _pillow_shape(path: Path) -> tuple[int, ...]:
-    from PIL import Image
-
-    with Image.open(path) as im:
+    with _opened(path) as im:
         return (im.height, im.width)
 
 
