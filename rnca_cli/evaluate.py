@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import io
-from .errors import InputError, RncaError, UsageError
+from .errors import InputError, OutputError, RncaError, UsageError
 from .metrics import HIGHER_IS_BETTER, METRIC_GROUPS, case_metrics
 
 ALL_COLUMNS = (
@@ -57,6 +57,8 @@ def parse_thresholds(text: str | None) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise UsageError(f"{item!r}: {value!r} is not a number") from None
+        if not math.isfinite(out[name]):
+            raise UsageError(f"{item!r}: a threshold must be a finite number")
     return out
 
 
@@ -341,11 +343,18 @@ def evaluate_paths(
     for name in [*under, *over]:
         if name not in computed:
             raise UsageError(f"threshold on {name}: not computed with --metrics {','.join(options.metrics)}")
-    targets = output_paths(out, baseline is not None) if out is not None else []
-    for target in targets + ([json_path] if json_path is not None else []):
+    targets = (output_paths(out, baseline is not None) if out is not None else []) + ([json_path] if json_path else [])
+    if len({t.resolve() for t in targets}) < len(targets):
+        raise UsageError(f"{json_path}: --out and --json would write the same file; name two files")
+    for target in targets:
         io.check_writable(target, overwrite)
     pairs, lonely_pred, lonely_gt = pair_files(pred, gt)
     base_pairs = pair_files(baseline, gt)[0] if baseline is not None else []
+    inputs = {p.resolve() for pair in pairs + base_pairs for p in (pair.pred, pair.gt)}
+    folders = {Path(f).resolve() for f in (pred, gt, baseline) if f is not None and Path(f).is_dir()}
+    for target in targets:  # an output never replaces an input, nor lands in an input folder
+        if target.resolve() in inputs or target.resolve().parent in folders:
+            raise OutputError(f"{target}: is an input or inside an input folder; write the results elsewhere")
     lonely = [("prediction", p) for p in lonely_pred] + [("ground truth", p) for p in lonely_gt]
     if baseline is not None:
         have = {p.case_id for p in base_pairs}

@@ -221,3 +221,27 @@ def test_cli_bad_input_leaves_no_csv(tmp_path, folders, case):
     assert expected in result.output and "Traceback" not in result.output
     assert (out.read_text() == "old results") if case == "exists" else not out.exists()
     assert not (tmp_path / "m_summary.csv").exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("gt/x.png", "is an input or inside an input folder"),
+    ("pred/m.csv", "is an input or inside an input folder"),
+    ("same", "--out and --json would write the same file"),
+])
+def test_evaluate_never_writes_over_or_into_its_inputs(tmp_path, folders, where, message):
+    pred, gt, _ = folders
+    before = {p: p.read_bytes() for p in [*pred.iterdir(), *gt.iterdir()]}
+    if where == "same":
+        args = ["-o", tmp_path / "m.csv", "--json", tmp_path / "m.csv"]
+    else:
+        args = ["-o", tmp_path / where, "--overwrite"]
+    result = rnca("evaluate", "--pred", pred, "--gt", gt, *args)
+    assert result.exit_code in (1, 2) and message in result.output
+    assert {p: p.read_bytes() for p in [*pred.iterdir(), *gt.iterdir()]} == before
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_a_non_finite_threshold_is_a_usage_error(folders):
+    pred, gt, _ = folders
+    result = rnca("evaluate", "--pred", pred, "--gt", gt, "--fail-under", "dice=nan")
+    assert result.exit_code == 2 and "finite" in result.output
