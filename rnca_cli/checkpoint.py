@@ -8,7 +8,9 @@ A checkpoint is a plain dict saved with ``torch.save``::
      "training": {...}}  # only in a run's last.pt: what --resume continues from
 
 It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``:
-files that need arbitrary unpickling are refused, never executed.
+files that need arbitrary unpickling are refused, never executed. ``weights_sha256`` (written since
+rnca 0.1.0's engines release) is a digest of the weights, verified on load; weights that are not
+finite are refused.
 
 Shipped models live in ``models/`` of the source tree, installed as the package data folder
 ``rnca_cli/models`` in a wheel; :func:`resolve_model` finds a name (``rings``) in either place.
@@ -17,6 +19,7 @@ Shipped models live in ``models/`` of the source tree, installed as the package 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import pickle
 import zipfile
@@ -82,12 +85,23 @@ def save_checkpoint(
             **(provenance or {}),
         },
     }
+    payload["weights_sha256"] = weights_digest(payload["state_dict"])
     if training is not None:
         payload["training"] = training
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, shapes, dtypes and bytes, in key order."""
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -117,6 +131,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("config", "state_dict"):
         if key not in payload:
             raise CheckpointError(f"{path}: rnca checkpoint is missing '{key}'")
+    stored = payload.get("weights_sha256")  # files written before digests were stored have none
+    if stored is not None and stored != weights_digest(payload["state_dict"]):
+        raise CheckpointError(f"{path}: damaged: the weights do not match the digest stored with them")
+    for name, tensor in payload["state_dict"].items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: refused: weight {name} holds NaN or infinite values")
     return payload
 
 

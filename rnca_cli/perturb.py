@@ -364,6 +364,8 @@ def perturb_folder(
     steps = parse_recipe(recipe)
     if n < 1:
         raise PerturbError(f"--n must be >= 1, got {n}")
+    if not 0 <= seed < 2**62:
+        raise PerturbError(f"seed must be in 0..2^62-1, not {seed}")
     if not 0 <= keep <= 1:
         raise PerturbError(f"--keep {keep} outside [0, 1]")
     files = io.list_files(labels)

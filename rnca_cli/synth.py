@@ -161,6 +161,9 @@ def contact_sheet(cases: list[Case], columns: int = 4) -> np.ndarray:
     return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
 
 
+MAX_SIZE = 8192  # side of a synthetic case: 0.75 GiB of working arrays
+
+
 def write_dataset(
     kind: str, n: int, size: int, out: Path, seed: int = 0, recipe: str | None = None, keep: float = 0.0,
     preview: bool = False, overwrite: bool = False, on_case: Callable[[Case], None] | None = None,
@@ -175,6 +178,11 @@ def write_dataset(
         raise perturb.PerturbError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
     if n < 1 or size < 16:
         raise perturb.PerturbError("need n >= 1 and size >= 16")
+    if size > MAX_SIZE:
+        need = 12 * size * size / 2**30  # image, label and coarse mask as float32 while a case is made
+        raise perturb.PerturbError(f"--size {size}: a case would need about {need:.1f} GiB; at most {MAX_SIZE}")
+    if not 0 <= seed < 2**62:
+        raise perturb.PerturbError(f"seed must be in 0..2^62-1, not {seed}")
     steps = perturb.parse_recipe(recipe or DEFAULT_RECIPES[kind])
     folders = [out / "images", out / "labels", out / "states"]
     if not overwrite and any(f.exists() and any(f.iterdir()) for f in folders):

@@ -725,6 +725,21 @@ def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, ou
     return written
 
 
+def check_memory(config: TrainConfig, model_config: ModelConfig) -> None:
+    """Refuse, before any data is read, a pool that cannot fit in this machine's memory (the
+    states alone: pool x channels x patch^2 float32)."""
+    import os
+
+    need = config.pool * model_config.channels * config.patch**2 * 4
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to compare with
+        return
+    if need > have:
+        raise UsageError(f"--patch {config.patch} with --pool {config.pool}: the pool alone would need "
+                         f"{need / 2**30:.1f} GiB, this machine has {have / 2**30:.1f} GiB")
+
+
 def train_files(
     images: Path, labels: Path, states: Path | None, out: Path, config: TrainConfig = TrainConfig(),
     model_config: ModelConfig = ModelConfig(), label: int | None = None, device: str = "auto",
@@ -741,6 +756,7 @@ def train_files(
     from .device import resolve_device
 
     torch_device = resolve_device(device)
+    check_memory(config, model_config)
     ranks = ranks_from_environment(torch_device)
     if ranks.world > 1 and torch_device.type == "cuda":
         torch_device = torch.device("cuda", ranks.local_rank)  # one GPU per rank

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rnca_cli import checkpoint
+from rnca_cli.checkpoint import load_checkpoint, save_checkpoint
 from rnca_cli.errors import CheckpointError
 from rnca_cli.model import RNCA, ModelConfig
 
@@ -86,3 +87,28 @@ def test_shipped_default_model_resolves_and_loads():
     model = checkpoint.load_model(checkpoint.DEFAULT_MODEL)
     assert model.config.channels == 16 and not model.training
     assert model.provenance["iterations"] > 0
+
+
+def test_weights_are_verified_against_their_digest(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", tiny_model())
+    payload = torch.load(path, weights_only=True)
+    assert len(payload["weights_sha256"]) == 64
+    payload["state_dict"]["fc2.bias"][0] += 1.0  # damage one weight, keep the stored digest
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="damaged.pt: damaged: the weights do not match the digest"):
+        load_checkpoint(tmp_path / "damaged.pt")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    path = save_checkpoint(tmp_path / "nan.pt", model)
+    with pytest.raises(CheckpointError, match="nan.pt: refused: weight fc2.weight holds NaN or infinite values"):
+        load_checkpoint(path)
+
+
+def test_the_shipped_model_carries_a_digest():
+    from rnca_cli.checkpoint import read_checkpoint, resolve_model
+
+    assert len(read_checkpoint(resolve_model("rings"))["weights_sha256"]) == 64

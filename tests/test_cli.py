@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rnca_cli.cli import app
 
-from conftest import requires_cuda, write_png
+from conftest import requires_cuda, ring, write_png
 from test_train import make_folders
 
 runner = CliRunner()
@@ -395,3 +395,28 @@ def test_a_decompression_bomb_is_refused_in_one_line(tmp_path, command):
     assert result.exit_code == 1 and "bomb.png: refused as a decompression bomb" in result.output
     assert "Traceback" not in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["synth", "--kind", "rings", "--n", "2", "--seed", "-1"], "seed must be in 0..2^62-1, not -1"),
+    (["synth", "--kind", "rings", "--n", "2", "--size", "100000"], "--size 100000: a case would need about 111.8 GiB"),
+])
+def test_synth_refuses_seeds_and_sizes_up_front_and_writes_nothing(tmp_path, args, message):
+    result = rnca(*args, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_perturb_refuses_a_negative_seed_and_writes_nothing(tmp_path):
+    write_png(tmp_path / "labels" / "a.png", ring(32).astype(np.uint8) * 255)
+    result = rnca("perturb", "--labels", tmp_path / "labels", "-o", tmp_path / "out", "--seed", -3)
+    assert result.exit_code == 2 and "seed must be in 0..2^62-1, not -3" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_a_pool_that_cannot_fit_before_reading_data(tmp_path):
+    images, labels, states = make_folders(tmp_path, n=2)
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "-o", tmp_path / "run",
+                  "--patch", 100000)
+    assert result.exit_code == 2 and "--patch 100000 with --pool 256: the pool alone would need" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
