@@ -105,8 +105,8 @@ def pair_files(pred: Path, gt: Path) -> tuple[list[Pair], list[Path], list[Path]
         raise InputError(f"{pred if gt.is_dir() else gt}: --pred and --gt must both be files or both folders")
     if not pred.is_dir():
         return [Pair(io.case_id(gt), pred, gt)], [], []
-    preds = {io.case_id(p): p for p in io.list_files(pred)}
-    gts = {io.case_id(g): g for g in io.list_files(gt)}
+    preds = io.by_case_id(io.list_files(pred))
+    gts = io.by_case_id(io.list_files(gt))
     pairs = [Pair(cid, preds[cid], gts[cid]) for cid in sorted(preds.keys() & gts.keys())]
     if not pairs:
         raise InputError(f"{pred}: no prediction has a ground truth with the same case id in {gt}")

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from rnca_cli import evaluate as ev
@@ -245,3 +246,16 @@ def test_a_non_finite_threshold_is_a_usage_error(folders):
     pred, gt, _ = folders
     result = rnca("evaluate", "--pred", pred, "--gt", gt, "--fail-under", "dice=nan")
     assert result.exit_code == 2 and "finite" in result.output
+
+
+def test_two_files_of_one_case_id_are_refused_not_shadowed(tmp_path, folders):
+    """An all-zero case.tif beside a perfect case.png used to shadow it and report Dice 0."""
+    pred, gt, _ = folders
+    first = sorted(pred.iterdir())[0]
+    shadow = first.with_suffix(".tif")
+    with Image.open(first) as im:
+        shape = (im.height, im.width)
+    write_png(shadow, np.zeros(shape, np.uint8))
+    result = rnca("evaluate", "--pred", pred, "--gt", gt, "--strict")
+    assert result.exit_code == 1 and f"case id '{first.stem}' is also" in result.output
+    assert "Traceback" not in result.output

@@ -16,11 +16,11 @@ from .formats import (
     peek_shape, register, suffix_of,
 )
 from .masks import Loaded, output_suffix, read_image, read_images, read_mask, write_mask
-from .pairing import Case, Pairing, list_files, pair_folders
+from .pairing import Case, Pairing, by_case_id, list_files, pair_folders
 
 __all__ = [
     "FORMATS", "IMAGE_SUFFIXES", "LOSSLESS_2D", "NIFTI_SUFFIXES", "SUPPORTED_SUFFIXES", "Case", "Format",
-    "InputError", "Loaded", "OutputError", "Pairing", "atomic_path", "case_id", "check_writable", "format_of",
+    "InputError", "Loaded", "OutputError", "Pairing", "atomic_path", "by_case_id", "case_id", "check_writable", "format_of",
     "is_nifti", "list_files", "make_folder", "output_suffix", "pair_folders", "peek_shape", "read_image",
     "read_images", "read_mask", "register", "suffix_of", "write_csv", "write_mask",
 ]

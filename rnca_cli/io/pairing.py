@@ -42,6 +42,18 @@ def list_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
+def by_case_id(files: list[Path]) -> dict[str, Path]:
+    """Files by case id; two files of one case id (``case.png`` and ``case.tif``) are an error, not
+    one silently shadowing the other."""
+    found: dict[str, Path] = {}
+    for path in files:
+        cid = case_id(path)
+        if cid in found:
+            raise InputError(f"{path}: case id {cid!r} is also {found[cid].name}; keep one file per case")
+        found[cid] = path
+    return found
+
+
 def pair_folders(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> Pairing:
     """Pair images with masks by case id.
 
@@ -50,7 +62,8 @@ def pair_folders(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> P
     their files stacked as channels in that order. Everything left over is reported.
     """
     images = list_files(image_dir)
-    masks = {case_id(m): m for m in list_files(mask_dir)}
+    by_case_id(images)  # refuses two images of one case id
+    masks = by_case_id(list_files(mask_dir))
     by_case: dict[str, list[Path]] = {}
     unmatched_images = []
     for image in images:
