@@ -34,6 +34,12 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                raise DeviceError(
+                    f"--device {spec}: this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build "
+                    "(pip install torch --index-url https://download.pytorch.org/whl/cu124, or see pytorch.org) "
+                    "or use --device cpu"
+                )
             raise DeviceError(f"--device {spec}: CUDA is not available on this machine (use cpu or auto)")
         try:
             device = torch.device(spec)

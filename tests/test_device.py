@@ -88,3 +88,18 @@ def test_float32_convolutions_holds_only_inside_the_block_and_only_on_cuda(where
     with pytest.raises(KeyError), device.float32_convolutions(torch.device(where)):
         raise KeyError("an error inside still restores the setting")
     assert conv_precision() == before
+
+
+def test_cuda_on_a_cpu_only_build_says_how_to_get_cuda(monkeypatch):
+    import torch
+
+    from rnca_cli.device import resolve_device
+    from rnca_cli.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match="--device cuda: this PyTorch .* is a CPU-only build; install a CUDA build"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    with pytest.raises(DeviceError, match="CUDA is not available on this machine"):
+        resolve_device("cuda:0")
