@@ -218,6 +218,9 @@ def _picture_paths(case_id: str, options: RefineOptions) -> dict[str, Path]:
 
 
 def _check_output_suffix(out: Path, mask: Path) -> None:
+    if io.suffix_of(out) == "":
+        raise OutputError(f"{out}: not an existing folder and no file suffix; name a file such as "
+                          f"{out}{io.output_suffix(mask)}, or create the folder to write {out}/<case>{io.output_suffix(mask)}")
     if io.is_nifti(mask) != io.is_nifti(out):
         raise OutputError(f"{out}: output must be {'NIfTI' if io.is_nifti(mask) else 'PNG or TIFF'} like its mask {mask}")
     if not io.is_nifti(out) and io.suffix_of(out) not in io.LOSSLESS_2D:

@@ -169,3 +169,16 @@ def test_parts_cover_the_folder_once_and_equal_one_whole_run(tmp_path, model_fil
         assert (tmp_path / "parts" / f"c{k}.png").read_bytes() == (tmp_path / "whole" / f"c{k}.png").read_bytes()
     with pytest.raises(ValueError, match="part-id must be in 0..num-parts-1"):
         RefineOptions(num_parts=3, part_id=3)
+
+
+def test_out_without_suffix_says_what_is_expected_and_an_existing_folder_works(tmp_path, png_folders, model_file):
+    from rnca_cli.checkpoint import load_model
+
+    images, masks = png_folders
+    options = rf.RefineOptions(steps=2)
+    with pytest.raises(OutputError, match=r"newdir: not an existing folder and no file suffix; name a file such as"):
+        rf.plan_single(images / "case0.png", masks / "case0.png", tmp_path / "newdir", options)
+    (tmp_path / "newdir").mkdir()
+    jobs = rf.plan_single(images / "case0.png", masks / "case0.png", tmp_path / "newdir", options)
+    rf.run_jobs(load_model(model_file), jobs, options)
+    assert (tmp_path / "newdir" / "case0.png").exists()
