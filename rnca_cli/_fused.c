@@ -251,7 +251,7 @@ static void keep_block(const Grid *g, const uint8_t *bright_cells, const uint8_t
 }
 
 /* -- training: perception of gathered cells, and its gradient ----------------------------------
- * Training differentiates rnca_cli.model.RNCA.step, whose state (B, H, W, K) has no ring: cells
+ * Training differentiates rnca_cli.engines.rows.step, whose state (B, H, W, K) has no ring: cells
  * outside the image read as zero (a convolution's zero padding). Cells are pixel rows
  * p = (b*H + y)*W + x, ascending (flat_nonzero's order). */
 
