@@ -266,11 +266,6 @@ def _json_safe(value):
     return value
 
 
-def _write_text(path: Path, text: str) -> None:
-    with io.atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def output_paths(out: Path, with_comparison: bool) -> list[Path]:
     """The files ``write_results`` writes for per-case CSV ``out``: itself, ``<stem>_summary.csv``
     and, with a baseline, ``<stem>_comparison.csv``."""
@@ -305,7 +300,7 @@ def write_results(
             payload["comparison"] = comparison
         if thresholds:
             payload["thresholds"] = thresholds
-        _write_text(json_path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
+        io.write_text(json_path, json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
         written.append(json_path)
     return written
 

@@ -47,6 +47,18 @@ def rollout(
         return engine.rollout(model, image, mask, steps, seeds, origin, stats, precision)
 
 
+@torch.no_grad()
+def trajectory(model: RNCA, image: np.ndarray, mask: np.ndarray, steps: int, seed: int) -> np.ndarray:
+    """The refined probability after each step of one 2D case (image (H, W, C), mask (H, W)):
+    (steps, H, W) float32, for pictures. From the reference rule, which records every step (the
+    engines keep only the last), so it equals the engines' steps to float rounding."""
+    device = next(model.parameters()).device
+    img = torch.from_numpy(np.ascontiguousarray(image, np.float32)).permute(2, 0, 1)[None].to(device)
+    msk = torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None].to(device)
+    history = model.rollout(img, msk, steps, seeds=torch.tensor([seed], device=device), record=True)[1]
+    return history[:, 0].clamp(0, 1).cpu().numpy()
+
+
 def tiles(size: int, core: int, margin: int) -> list[tuple[int, int, int, int]]:
     """Along one axis: (start, stop) of each tile's core and (start, stop) of its core + halo."""
     out = []

@@ -274,12 +274,7 @@ def _pictures(job: Job, model: RNCA, image: np.ndarray, mask: io.Loaded, binary:
         pictures.overlay(img, before, after, job.pictures["overlay"])
     if "strip" in job.pictures:
         seed = options.seed + (mask.data.shape[options.axis] // 2 if volume else 0)  # the slice's seed
-        device = _model_device(model)
-        with torch.no_grad():
-            history = model.rollout(torch.from_numpy(np.ascontiguousarray(img, np.float32)).permute(2, 0, 1)[None].to(device),
-                                    torch.from_numpy(np.ascontiguousarray(before, np.float32))[None].to(device),
-                                    options.steps, seeds=torch.tensor([seed], device=device), record=True)[1]
-        maps = history[:, 0].clamp(0, 1).cpu().numpy()
+        maps = inference.trajectory(model, img, before, options.steps, seed)
         scale = max(1, 256 // max(before.shape))
         io.make_folder(job.pictures["strip"].parent)
         pictures.trajectory_strip([{"image": img, "coarse": before, "steps": {

@@ -48,8 +48,9 @@ from . import io, pictures
 from .checkpoint import read_checkpoint, save_checkpoint
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
-from .losses import far_from, sample_losses
 from .errors import InputError, OutputError, TrainingError, UsageError
+from .inference import trajectory
+from .losses import far_from, sample_losses
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig, parse_loss
 from .perturb import apply_recipe, parse_recipe
@@ -519,8 +520,8 @@ class Run:
         io.make_folder(self.out)
         for stale in (self.best, self.final, self.curves):  # an overwritten run's pictures must not outlive it
             stale.unlink(missing_ok=True)
-        self._write_text(self.config, json.dumps(record, indent=2) + "\n")
-        self._write_text(self.out / "command.txt", " ".join(sys.argv) + "\n")
+        io.write_text(self.config, json.dumps(record, indent=2) + "\n")
+        io.write_text(self.out / "command.txt", " ".join(sys.argv) + "\n")
 
     def check_resume(self, record: dict) -> None:
         """Refuse to resume a folder whose run had other options or other data."""
@@ -539,7 +540,7 @@ class Run:
         if before.get("data_digest") != record["data_digest"]:
             raise UsageError(f"{self.config}: the run was trained on other data (digest differs); "
                              "resume with the same folders")
-        self._write_text(self.config, json.dumps({**before, "train_config": record["train_config"]}, indent=2) + "\n")
+        io.write_text(self.config, json.dumps({**before, "train_config": record["train_config"]}, indent=2) + "\n")
 
     def write_log(self, rows: list[dict]) -> None:
         io.write_csv(self.log, LOG_COLUMNS, [[r.get(c) for c in LOG_COLUMNS] for r in rows])
@@ -551,11 +552,6 @@ class Run:
             return []
         with self.log.open(newline="") as f:
             return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-    @staticmethod
-    def _write_text(path: Path, text: str) -> None:
-        with io.atomic_path(path) as tmp:
-            tmp.write_text(text)
 
 
 def train(
@@ -702,17 +698,12 @@ def train(
     return model, (run.best if run.best.exists() else run.last)
 
 
-@torch.no_grad()
 def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, out: Path) -> list[Path]:
     """``out/trajectory.png``: the cases repaired step by step (image, coarse mask, a few steps,
     ground truth, a row each), and ``out/trajectory.gif``, the first case step by step."""
     rows, first = [], None
-    device = next(model.parameters()).device
     for case in cases:
-        image = torch.from_numpy(case.image).permute(2, 0, 1)[None].to(device)
-        coarse = torch.from_numpy(case.coarse)[None].to(device)
-        history = model.rollout(image, coarse, steps, seeds=torch.tensor([seed], device=device), record=True)[1]
-        maps = history[:, 0].clamp(0, 1).cpu().numpy()  # (steps, H, W)
+        maps = trajectory(model, case.image, case.coarse, steps, seed)  # (steps, H, W)
         rows.append({"image": case.image, "coarse": case.coarse, "target": case.target,
                      "steps": {t: maps[t - 1] for t in pictures.recorded_steps(steps)}})
         first = first or (case, maps)

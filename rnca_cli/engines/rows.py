@@ -224,11 +224,19 @@ class _RowUpdates(torch.autograd.Function):
 # -- a differentiable step (training) ------------------------------------------------------------------
 
 
+def batched_patches(image: torch.Tensor) -> torch.Tensor:
+    """:func:`image_patches` of images (B, C, H, W) per sample, (B, H*W, 9C + 1): what :func:`step`
+    takes, batch first so that training can drop finished samples by indexing it."""
+    patches = image_patches(image)
+    return patches.view(image.shape[0], -1, patches.shape[1])
+
+
 def step(model: RNCA, state: torch.Tensor, patches: torch.Tensor, noise: FireNoise, t: int,
          perceive_rows: PerceiveRows | None = None) -> torch.Tensor:
     """:meth:`RNCA.step` on the cells that fire and are :func:`needed`, differentiable.
-    state: (B, K, H, W) channels_last; patches: :func:`image_patches` of the image;
+    state: (B, K, H, W) channels_last; patches: :func:`batched_patches` of the image;
     ``perceive_rows``: computes the rows' perception directly (the fused engine), else convolutions."""
+    patches = patches.reshape(-1, patches.shape[-1])  # (B*H*W, 9C + 1), rows in (b, y, x) order
     b, k, h, w = state.shape
     cfg = model.config
     with torch.no_grad():

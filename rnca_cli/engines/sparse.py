@@ -51,11 +51,10 @@ class SparseEngine(Engine):
         return bufs.visible()
 
     def training_inputs(self, model, image):
-        patches = R.image_patches(image)
-        return patches.view(image.shape[0], -1, patches.shape[1])  # (B, H*W, 9C + 1)
+        return R.batched_patches(image)
 
     def train_step(self, model, state, inputs, noise, t):
-        return R.step(model, state, inputs.reshape(-1, inputs.shape[2]), noise, t)
+        return R.step(model, state, inputs, noise, t)
 
 
 class _Run:

@@ -86,6 +86,14 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     return path
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
 def check_writable(target: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``; refuse a missing folder."""
     if target.exists() and not overwrite:
