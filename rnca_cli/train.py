@@ -508,6 +508,7 @@ class Run:
         self.config, self.log = self.out / "config.json", self.out / "log.csv"
         self.last, self.best, self.final = self.out / "last.pt", self.out / "best.pt", self.out / "final.csv"
         self.curves = self.out / "curves.png"
+        self.trajectory = (self.out / "trajectory.png", self.out / "trajectory.gif")  # repair_pictures' files
 
     def start(self, record: dict, overwrite: bool) -> None:
         """A new run: refuse a folder that holds one unless ``overwrite``; write the records."""
@@ -518,7 +519,7 @@ class Run:
                 if path.exists():
                     raise OutputError(f"{path}: already exists; pass --overwrite, --resume {self.out}, or another --out")
         io.make_folder(self.out)
-        for stale in (self.best, self.final, self.curves):  # an overwritten run's pictures must not outlive it
+        for stale in (self.best, self.final, self.curves, *self.trajectory):  # an overwritten run's must not outlive it
             stale.unlink(missing_ok=True)
         io.write_text(self.config, json.dumps(record, indent=2) + "\n")
         io.write_text(self.out / "command.txt", " ".join(sys.argv) + "\n")
@@ -693,14 +694,14 @@ def train(
             table.append(["best", best["iteration"], *(best[m] for m in METRICS)])
         table.append(["last", it, *(last_val[m] for m in METRICS)])
         io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
-        repair_pictures(evaluated, data.val[:4], config.steps, config.seed, run.out)
+        repair_pictures(evaluated, data.val[:4], config.steps, config.seed, *run.trajectory)
     ranks.barrier()
     return model, (run.best if run.best.exists() else run.last)
 
 
-def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, out: Path) -> list[Path]:
-    """``out/trajectory.png``: the cases repaired step by step (image, coarse mask, a few steps,
-    ground truth, a row each), and ``out/trajectory.gif``, the first case step by step."""
+def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, strip: Path, gif: Path) -> list[Path]:
+    """``strip``: the cases repaired step by step (image, coarse mask, a few steps, ground truth, a
+    row each), and ``gif``, the first case step by step."""
     rows, first = [], None
     for case in cases:
         maps = trajectory(model, case.image, case.coarse, steps, seed)  # (steps, H, W)
@@ -708,11 +709,10 @@ def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, ou
                      "steps": {t: maps[t - 1] for t in pictures.recorded_steps(steps)}})
         first = first or (case, maps)
     scale = max(1, 128 // max(cases[0].target.shape)) if cases else 1
-    written = [pictures.trajectory_strip(rows, out / "trajectory.png", scale)]
+    written = [pictures.trajectory_strip(rows, strip, scale)]
     if first is not None:
         case, maps = first
-        written.append(pictures.trajectory_gif(case.image, [case.coarse, *maps], out / "trajectory.gif", scale,
-                                               case.target))
+        written.append(pictures.trajectory_gif(case.image, [case.coarse, *maps], gif, scale, case.target))
     return written
 
 

@@ -400,3 +400,15 @@ def test_resume_restores_ema_optimizer_and_pool_exactly(tmp_path):
     ema_b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["training"]["ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert not all(torch.equal(ema_a[k], a.state_dict()[k]) for k in ema_a)  # the average lags the weights
+
+
+def test_an_overwritten_run_keeps_no_pictures_of_the_old_one(tmp_path):
+    folders = make_folders(tmp_path, n=4)
+    options = dict(iterations=1, pool=2, batch=2, replace=1, steps=2, min_step=1, patch=32)
+    with_val = tr.TrainConfig(val_cases=1, **options)
+    tr.train(tr.load_dataset(*folders, with_val), tmp_path / "run", with_val, SMALL)
+    assert (tmp_path / "run" / "trajectory.png").exists() and (tmp_path / "run" / "best.pt").exists()
+    plain = tr.TrainConfig(**options)
+    tr.train(tr.load_dataset(*folders, plain), tmp_path / "run", plain, SMALL, overwrite=True)
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert not left & {"trajectory.png", "trajectory.gif", "best.pt", "final.csv"}
