@@ -15,11 +15,11 @@ thin        fraction (0.75), radius (1)         thin structures (what an opening
                                                 are cut into pieces; ``fraction`` of the pieces vanish
 holes       count (3), size (0.2)               rectangles and disks/balls (half each, overlapping)
                                                 cut out, each up to ``size`` x the object's extent
-breaks      count (2), length (4)               gaps of ``length`` pixels (more where the object is
+breaks      count (2), length (4), density (0)  gaps of ``length`` pixels (more where the object is
                                                 thicker, so the gap severs it) cut at points of its
                                                 skeleton kept at least 2 x length apart
-specks      count (4), size (1), near (0.5)     small spurious blobs of radius ``size``, a share
-                                                ``near`` of them close to the object, none touching it
+specks      count (4), size (1), near (0.5),    small spurious blobs of radius ``size``, a share
+            density (0)                         ``near`` of them close to the object, none touching it
 drop        fraction (0.5)                      that share of the connected components removed (one is
                                                 always kept)
 jitter      amplitude (1.5), smoothness (4)     the contour moved in and out by a smooth random field
@@ -32,6 +32,12 @@ operator with the given probability, in the order written (``soften`` always las
 follow the probability as ``:key=value``. With probability ``keep`` a mask is left untouched;
 otherwise, if no operator fired, one is drawn with weights proportional to the probabilities, so
 every output that is not kept is really corrupted.
+
+``count`` is absolute, which suits one patch but not a whole image. ``density`` scales with the
+object instead: it is the expected number of breaks or specks per 100 pixels of the mask's
+centreline (its skeleton), rounded at random to a whole count, so ``breaks:1:density=0.5`` cuts
+a 64x64 ring patch about once and a full 565x584 vessel tree about 40 times. A density replaces
+``count``; giving both is an error.
 """
 
 from __future__ import annotations
@@ -132,13 +138,24 @@ def holes(mask, rng, count: int = 3, size: float = 0.2):
     return out
 
 
-def breaks(mask, rng, count: int = 2, length: float = 4):
+def centreline_count(mask: np.ndarray, density: float, rng: np.random.Generator) -> int:
+    """``density`` per 100 px of ``mask``'s skeleton as a whole number, rounded at random (mean kept)."""
+    from skimage.morphology import skeletonize
+
+    expected = density * int(skeletonize(np.pad(mask, 1)).sum()) / 100.0
+    return int(math.floor(expected) + (rng.random() < expected - math.floor(expected)))
+
+
+def breaks(mask, rng, count: int = 2, length: float = 4, density: float = 0):
     """Cut ``count`` gaps at points of the skeleton at least 2 x length apart.
 
     Each gap is a disk / ball of diameter ``length``, widened to the local thickness + 2 where the
     object is thicker, so that it really cuts through. A cut that does not change the topology
     (a gap at a tip only shortens it) is undone and another point tried, up to 30 points per gap.
+    With ``density`` > 0 the count is that many gaps per 100 px of skeleton (module docstring).
     """
+    if density > 0 and mask.any():
+        count = centreline_count(mask, density, rng)
     if count == 0 or length == 0 or not mask.any():
         return mask.copy()
     from skimage.measure import euler_number
@@ -186,8 +203,13 @@ def _cut_ball(mask: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray
     return out
 
 
-def specks(mask, rng, count: int = 4, size: float = 1, near: float = 0.5):
-    """Add ``count`` blobs of radius ``size`` that touch neither the object nor each other."""
+def specks(mask, rng, count: int = 4, size: float = 1, near: float = 0.5, density: float = 0):
+    """Add ``count`` blobs of radius ``size`` that touch neither the object nor each other.
+
+    With ``density`` > 0 the count is that many specks per 100 px of skeleton (module docstring).
+    """
+    if density > 0 and mask.any():
+        count = centreline_count(mask, density, rng)
     out = mask.copy()
     if count == 0:
         return out
@@ -256,8 +278,10 @@ OPERATORS: dict[str, Operator] = {
     "close": Operator(close, {"radius": (1, 0, 20, float)}),
     "thin": Operator(thin, {"fraction": (0.75, 0, 1, float), "radius": (1, 0, 10, float)}),
     "holes": Operator(holes, {"count": (3, 0, 100, int), "size": (0.2, 0, 1, float)}),
-    "breaks": Operator(breaks, {"count": (2, 0, 100, int), "length": (4, 0, 100, float)}),
-    "specks": Operator(specks, {"count": (4, 0, 1000, int), "size": (1, 0, 20, float), "near": (0.5, 0, 1, float)}),
+    "breaks": Operator(breaks, {"count": (2, 0, 100, int), "length": (4, 0, 100, float), "density": (0, 0, 50, float)}),
+    "specks": Operator(
+        specks, {"count": (4, 0, 1000, int), "size": (1, 0, 20, float), "near": (0.5, 0, 1, float), "density": (0, 0, 50, float)}
+    ),
     "drop": Operator(drop, {"fraction": (0.5, 0, 1, float)}),
     "jitter": Operator(jitter, {"amplitude": (1.5, 0, 20, float), "smoothness": (4, 0.5, 50, float)}),
     "soften": Operator(soften, {"sigma": (1.0, 0, 20, float)}),
@@ -272,6 +296,8 @@ def check_params(name: str, params: dict) -> dict:
     unknown = set(params) - set(spec)
     if unknown:
         raise PerturbError(f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(spec)}")
+    if "count" in params and "density" in params:
+        raise PerturbError(f"{name}: give count or density, not both (density replaces count)")
     out = {}
     for key, (default, lo, hi, kind) in spec.items():
         raw = params.get(key, default)

@@ -70,6 +70,47 @@ def test_erode_never_adds_and_dilate_never_removes(mask):
         assert not (mask & ~P.apply("close", mask, rng, radius=radius)).any()
 
 
+def comb(teeth: int) -> np.ndarray:
+    """A comb: a spine with ``teeth`` 1-px teeth, 30 px each, 4 px apart (centreline grows with teeth)."""
+    m = np.zeros((40, 8 + 4 * teeth), bool)
+    m[2, 2 : 4 * teeth + 2] = True
+    for k in range(teeth):
+        m[2:34, 2 + 4 * k] = True
+    return m
+
+
+@pytest.mark.parametrize("teeth", [2, 20])
+def test_density_scales_the_count_with_the_centreline(teeth):
+    """Density is per 100 px of skeleton: the expected count follows the object, not the image."""
+    from skimage.morphology import skeletonize
+
+    mask = comb(teeth)
+    length = skeletonize(mask).sum()
+    counts = [P.centreline_count(mask, 2.0, np.random.default_rng(s)) for s in range(400)]
+    assert np.mean(counts) == pytest.approx(2.0 * length / 100, rel=0.1)
+    assert set(counts) <= {int(2.0 * length / 100), int(2.0 * length / 100) + 1}
+
+
+def test_breaks_density_cuts_a_long_structure_more_often():
+    short, long = comb(2), comb(20)
+    fragments = {}
+    for name, mask in (("short", short), ("long", long)):
+        fragments[name] = np.mean([betti_numbers(P.apply("breaks", mask, np.random.default_rng(s), density=1.0, length=3))[0]
+                                   - betti_numbers(mask)[0] for s in range(6)])
+    assert fragments["short"] <= 1.5 and fragments["long"] >= 4
+
+
+def test_specks_density_follows_the_object():
+    few = betti_numbers(P.apply("specks", comb(2), np.random.default_rng(0), density=2.0))[0]
+    many = betti_numbers(P.apply("specks", comb(20), np.random.default_rng(0), density=2.0))[0]
+    assert few <= 3 and many >= 10
+
+
+def test_count_and_density_together_are_refused():
+    with pytest.raises(P.PerturbError, match="count or density"):
+        P.parse_recipe("breaks:1:count=2:density=0.5")
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("mask", [ring(48, 15, 4), tree2d(), tube3d()], ids=["ring", "tree", "tube3d"])
 def test_breaks_raise_beta0(mask, seed):
@@ -133,7 +174,7 @@ def test_jitter_moves_the_contour_a_little():
 def test_recipe_parsing_and_seeds():
     steps = P.parse_recipe("soften:0.1,breaks:0.5:count=3,holes:1")
     assert [s.name for s in steps] == ["breaks", "holes", "soften"]
-    assert steps[0].params == {"count": 3, "length": 4.0}
+    assert steps[0].params == {"count": 3, "length": 4.0, "density": 0.0}
     mask = blob2d()
     a = P.apply_recipe(mask, steps, np.random.default_rng(3))
     b = P.apply_recipe(mask, steps, np.random.default_rng(3))
