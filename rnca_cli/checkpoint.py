@@ -5,6 +5,7 @@ A checkpoint is a plain dict saved with ``torch.save``::
     {"format": "rnca-checkpoint", "format_version": 1,
      "config": ModelConfig.to_dict(), "state_dict": {...tensors...},
      "provenance": {"rnca_version", "created", "data", "iterations", ...},
+     "refine": {"min_size": int},  # optional: the clean-up refine applies by default
      "training": {...}}  # only in a run's last.pt: what --resume continues from
 
 It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``:
@@ -68,10 +69,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 def save_checkpoint(
     path: str | os.PathLike, model: RNCA, provenance: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None, refine: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` with its config and provenance atomically to ``path``; ``training``, if
-    given, is the state ``rnca train --resume`` continues from (tensors and plain values only)."""
+    given, is the state ``rnca train --resume`` continues from (tensors and plain values only);
+    ``refine`` holds the refine defaults the model carries (``min_size``)."""
     from . import __version__
 
     payload = {
@@ -86,6 +88,8 @@ def save_checkpoint(
         },
     }
     payload["weights_sha256"] = weights_digest(payload["state_dict"])
+    if refine:
+        payload["refine"] = dict(refine)
     if training is not None:
         payload["training"] = training
     path = Path(path)
@@ -137,11 +141,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for name, tensor in payload["state_dict"].items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: refused: weight {name} holds NaN or infinite values")
+    refine = payload.get("refine", {})
+    if not isinstance(refine, dict) or not (isinstance(refine.get("min_size", 0), int) and refine.get("min_size", 0) >= 0):
+        raise CheckpointError(f"{path}: refine defaults {refine!r} are not valid (min_size: an integer >= 0)")
     return payload
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[RNCA, dict[str, Any]]:
-    """Rebuild the model from a checkpoint file. Returns (model in eval mode on CPU, provenance)."""
+    """Rebuild the model from a checkpoint file. Returns (model in eval mode on CPU, provenance);
+    the model's ``refine_defaults`` attribute holds the checkpoint's refine defaults."""
     payload = read_checkpoint(path)
     try:
         model = RNCA(ModelConfig.from_dict(payload["config"]))
@@ -150,6 +158,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[RNCA, dict[str, Any]]:
         message = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: cannot rebuild the model ({message})") from None
     model.eval()
+    model.refine_defaults = dict(payload.get("refine", {}))
     return model, dict(payload.get("provenance", {}))
 
 

@@ -177,6 +177,7 @@ def train(
     clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = T.clip,
     patch: Annotated[int, typer.Option(help="Training patch size; larger inputs are cut with sliding windows.")] = T.patch,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap of patches.")] = T.overlap,
+    min_size: Annotated[int, typer.Option(help="Clean-up the model carries: refine removes mask components under this many pixels (0: none).")] = T.min_size,
     val_images: Annotated[Optional[Path], typer.Option(help="Folder of validation images (with --val-labels).")] = None,
     val_labels: Annotated[Optional[Path], typer.Option(help="Folder of validation ground truths.")] = None,
     val_states: Annotated[Optional[Path], typer.Option(help="Folder of validation coarse masks (default: corrupted by --perturb).")] = None,
@@ -210,7 +211,7 @@ def train(
         iterations=iterations, time_budget=parse_duration(time_budget) if time_budget else None, pool=pool,
         batch=batch, replace=replace, steps=steps, min_step=min_step, lr=lr, schedule=schedule, warmup=warmup,
         clip=clip, patch=patch, overlap=overlap, perturb=perturb, perturb_share=perturb_share, loss=loss,
-        far_weight=far_weight, ema=ema, val_cases=val_cases,
+        far_weight=far_weight, ema=ema, min_size=min_size, val_cases=val_cases,
         val_fraction=val_fraction, val_every=val_every, select=select, save_every=save_every, axis=axis, seed=seed,
     )
     given = {"channels": channels, "hidden": hidden, "fire_rate": fire_rate}
@@ -274,6 +275,13 @@ def refine(
     precision: Annotated[
         str, typer.Option(help="Number format of the per-pixel MLP: fp32, bf16 or fp16 (half precision is for GPUs).")
     ] = R.precision,
+    ensemble: Annotated[int, typer.Option(help="Seeded runs per case; their mean is written.")] = R.ensemble,
+    save_uncertainty: Annotated[Optional[Path], typer.Option(help="Folder: per case, the per-pixel standard deviation of the runs (needs --ensemble 2+).")] = None,
+    min_size: Annotated[Optional[int], typer.Option(help="Remove mask components under this many pixels (default: the model's own, see models/README.md).")] = None,
+    guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep the input mask of a case whose refinement looks unreliable.")] = R.guard,
+    guard_change: Annotated[float, typer.Option(help="Guard: largest foreground growth or shrinkage trusted, as a share of the input's.")] = R.guard_change,
+    guard_agreement: Annotated[float, typer.Option(help="Guard: lowest Dice between seeded runs trusted.")] = R.guard_agreement,
+    report: Annotated[Optional[Path], typer.Option(help="Per-case CSV: guard decision, foreground change, agreement, uncertainty (folder mode default: <out>/refine.csv).")] = None,
     num_parts: Annotated[int, typer.Option("--num-parts", "-num_parts", help="Folder mode: split the cases into this many parts (a cluster job array).")] = R.num_parts,
     part_id: Annotated[int, typer.Option("--part-id", "-part_id", help="Which part this run refines, 0..num-parts-1 (every num-parts-th case by case id).")] = R.part_id,
     seed: Seed = R.seed,
@@ -288,7 +296,8 @@ def refine(
     options = RefineOptions(steps=steps, threshold=threshold, seed=seed, axis=axis, label=label,
                             save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite,
                             save_overlay=save_overlay, save_trajectory=save_trajectory, num_parts=num_parts,
-                            part_id=part_id)
+                            part_id=part_id, ensemble=ensemble, save_uncertainty=save_uncertainty, min_size=min_size,
+                            guard=guard, guard_change=guard_change, guard_agreement=guard_agreement, report=report)
     _set_threads(threads)
     # The bar counts pixels, so that one large image or volume shows progress too (tile by tile,
     # pass by pass); it stays hidden for a single case that is one forward pass.
@@ -299,9 +308,9 @@ def refine(
         def start(jobs, unmatched) -> None:
             if not quiet:
                 _report_unmatched(unmatched)
-            pixels = sum(job.pixels for job in jobs)
+            pixels = sum(job.pixels for job in jobs) * options.runs
             bar.update(task, total=pixels)
-            if len(jobs) > 1 or pixels > options.tile**2:
+            if len(jobs) > 1 or pixels > options.tile**2 * options.runs:
                 bar.start()
             done.append(len(jobs))
 
@@ -320,6 +329,11 @@ def refine(
             f"foreground {before} -> {after} pixels; wrote {where}",
             highlight=False, markup=False,
         )
+        kept = [r for r in run.results if r.verdict.kept]
+        if kept:
+            shown = "; ".join(f"{r.case_id}: {r.verdict.kept}" for r in kept[:5]) + ("; ..." if len(kept) > 5 else "")
+            err.print(f"guard: kept the input mask of {len(kept)} of {len(run.results)} case(s) ({shown})"
+                      + (f"; see {run.report}" if run.report else ""), highlight=False, markup=False)
 
 
 def _summary_table(title: str, summary: dict) -> Table:

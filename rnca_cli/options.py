@@ -34,6 +34,19 @@ class RefineOptions:
     part_id: int = 0
     save_overlay: Path | None = None  # folder: one picture per case, pixels added (green) and removed (red)
     save_trajectory: Path | None = None  # folder: each case repaired step by step (strip and GIF)
+    # rnca_cli.guard: seeded runs averaged, component clean-up, and when the input is kept instead
+    ensemble: int = 1
+    min_size: int | None = None  # None: the model's stored default (0 when it has none)
+    guard: bool = True
+    guard_change: float = 0.5
+    guard_agreement: float = 0.9
+    save_uncertainty: Path | None = None  # per-pixel std of the runs (needs ensemble >= 2)
+    report: Path | None = None  # per-case CSV; folder mode defaults to <out>/refine.csv
+
+    @property
+    def runs(self) -> int:
+        """Seeded rollouts per case: the ensemble's, and two at least for the guard (rnca_cli.guard)."""
+        return max(self.ensemble, 2 if self.guard else 1)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -52,6 +65,14 @@ class RefineOptions:
             raise UsageError(f"seed must be in 0..2^62-1, not {self.seed}")
         if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
             raise UsageError(f"part-id must be in 0..num-parts-1 and num-parts >= 1, not {self.part_id} of {self.num_parts}")
+        if not 1 <= self.ensemble <= 64:
+            raise UsageError(f"ensemble must be in 1..64 seeded runs, not {self.ensemble}")
+        if self.save_uncertainty is not None and self.ensemble < 2:
+            raise UsageError("--save-uncertainty needs --ensemble 2 or more (one run has no spread)")
+        if self.min_size is not None and self.min_size < 0:
+            raise UsageError(f"min-size must be >= 0 pixels, not {self.min_size}")
+        if not self.guard_change > 0 or not 0 <= self.guard_agreement <= 1:
+            raise UsageError("guard-change must be > 0 and guard-agreement in [0, 1]")
 
 
 MAX_SEED = 1 << 62  # seeds stay int64 after the per-slice and per-rank offsets are added
@@ -77,6 +98,9 @@ class TrainConfig:
     ``loss``, ``far_weight``: the objective (:mod:`rnca_cli.losses`); the default adds a soft clDice
     term to the paper's MSE, which repaired more held-out rings on both seeds measured. ``ema``: validate and keep
     ``best.pt`` with an exponential moving average of the weights of this decay (0: off).
+    ``min_size``: the model's clean-up, components under this many pixels removed after
+    refinement; stored in every checkpoint (``rnca refine`` applies it by default) and applied in
+    validation, so that ``best.pt`` is chosen as it will be used.
     """
 
     iterations: int = 2000
@@ -100,6 +124,7 @@ class TrainConfig:
     loss: str = "mse+cldice:0.5"  # the paper's is "mse"; benchmarks/TRAINING.md has the measurements
     far_weight: float = 0.0
     ema: float = 0.0
+    min_size: int = 0  # clean-up stored in the checkpoints and applied in validation (rnca_cli.guard)
     val_cases: int = 0
     val_fraction: float = 0.0
     val_every: int = 100
@@ -128,6 +153,7 @@ class TrainConfig:
             (self.perturb_share is None or self.perturb is not None, "perturb-share needs a --perturb recipe"),
             (self.far_weight >= 0, "far-weight must be >= 0"),
             (0 <= self.ema < 1, "ema must be in [0, 1) (0: off)"),
+            (self.min_size >= 0, "min-size must be >= 0 pixels"),
             (self.val_cases >= 0, "val-cases must be >= 0"),
             (0 <= self.val_fraction < 1, "val-fraction must be in [0, 1)"),
             (not (self.val_cases and self.val_fraction), "give --val-cases or --val-fraction, not both"),

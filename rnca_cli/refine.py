@@ -16,19 +16,22 @@ Decisions a user can rely on (also in the README):
 * **Labels.** With ``label=N`` the mask is a label map: label N is refined as a binary mask and
   written back into the map: pixels the refiner claims become N unless they belong to another label,
   pixels of N it drops become background; other labels are left exactly as they were.
+* **Do no harm.** Files are refined with seeded runs, cleaned up and judged by
+  :mod:`rnca_cli.guard`; a case the guard does not trust is written as its input mask and marked
+  ``kept`` in the per-case report (``refine.csv`` in folder mode).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import inference, io
+from . import guard, inference, io
 from .errors import InputError, OutputError, UsageError
 from .inference import DEFAULT_TILE, refine_image
 from .options import RefineOptions
@@ -156,6 +159,7 @@ class Job:
     prob_out: Path | None
     shape: tuple[int, ...]  # the mask's spatial shape, from its header
     pictures: dict[str, Path] = field(default_factory=dict)  # "overlay", "strip", "gif" -> where they go
+    uncertainty_out: Path | None = None
 
     @property
     def pixels(self) -> int:
@@ -165,10 +169,31 @@ class Job:
 
 @dataclass
 class CaseResult:
+    """One written case: where, and the guard's numbers and decision."""
+
     case_id: str
     out: Path
-    foreground_before: int
-    foreground_after: int
+    verdict: guard.Verdict
+
+    @property
+    def foreground_before(self) -> int:
+        return self.verdict.foreground_before
+
+    @property
+    def foreground_after(self) -> int:
+        """Foreground of the mask written (the input's when the guard kept it)."""
+        return self.verdict.foreground_before if self.verdict.kept else self.verdict.foreground_refined
+
+
+REPORT_COLUMNS = ["case", "status", "reason", "foreground_before", "foreground_refined", "change", "agreement",
+                  "uncertainty", "output"]
+
+
+def report_rows(results: list[CaseResult]) -> list[list]:
+    """The per-case report: one row per case, :data:`REPORT_COLUMNS`."""
+    return [[r.case_id, "kept" if r.verdict.kept else "refined", r.verdict.kept, r.verdict.foreground_before,
+             r.verdict.foreground_refined, f"{r.verdict.change:.4f}", f"{r.verdict.agreement:.4f}",
+             f"{r.verdict.uncertainty:.4f}", str(r.out)] for r in results]
 
 
 def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOptions) -> list[Job]:
@@ -181,8 +206,9 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
         out = out / f"{cid}{io.output_suffix(mask)}"
     _check_output_suffix(out, mask)
     prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
-    jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask), _picture_paths(cid, options))]
-    _check_outputs(jobs, options.overwrite)
+    spread = options.save_uncertainty / f"{cid}{io.output_suffix(mask)}" if options.save_uncertainty else None
+    jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask), _picture_paths(cid, options), spread)]
+    _check_outputs(jobs, options.overwrite, options.report)
     return jobs
 
 
@@ -201,10 +227,18 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
     for case in pairing.cases[options.part_id :: options.num_parts]:  # parts of a job array, nnU-Net's way
         name = case.case_id + io.output_suffix(case.mask)
         prob = out_dir / "prob" / name if options.save_prob else None
+        spread = options.save_uncertainty / name if options.save_uncertainty else None
         jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask),
-                        _picture_paths(case.case_id, options)))
-    _check_outputs(jobs, options.overwrite)
+                        _picture_paths(case.case_id, options), spread))
+    _check_outputs(jobs, options.overwrite, options.report)
     return jobs, pairing
+
+
+def default_report(out_dir: Path, options: RefineOptions) -> Path:
+    """Folder mode's per-case report: ``refine.csv``, one per part of a job array."""
+    if options.num_parts > 1:
+        return out_dir / f"refine_part{options.part_id}of{options.num_parts}.csv"
+    return out_dir / "refine.csv"
 
 
 def _picture_paths(case_id: str, options: RefineOptions) -> dict[str, Path]:
@@ -227,10 +261,15 @@ def _check_output_suffix(out: Path, mask: Path) -> None:
         raise OutputError(f"{out}: masks are written only as PNG or TIFF, not {io.suffix_of(out)!r}")
 
 
-def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
+def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None) -> None:
     """Refuse before any work: unreadable inputs or shapes that disagree (from file headers),
     existing outputs without overwrite, outputs that are inputs."""
     inputs = {p.resolve() for job in jobs for p in (*job.images, job.mask)}
+    if report is not None:
+        if report.resolve() in inputs:
+            raise OutputError(f"{report}: is an input file; inputs are never overwritten")
+        if report.exists() and not overwrite:
+            raise OutputError(f"{report}: already exists; pass --overwrite to replace it")
     for job in jobs:
         mask_shape = job.shape
         for image in job.images:
@@ -240,7 +279,7 @@ def _check_outputs(jobs: list[Job], overwrite: bool) -> None:
                 raise InputError(
                     f"{job.mask}: mask shape {mask_shape} differs from image {image} shape {io.peek_shape(image)}"
                 )
-        for target in filter(None, (job.out, job.prob_out, *job.pictures.values())):
+        for target in filter(None, (job.out, job.prob_out, job.uncertainty_out, *job.pictures.values())):
             if target.resolve() in inputs:
                 raise OutputError(f"{target}: is an input file; inputs are never overwritten")
             if target.exists() and not overwrite:
@@ -282,21 +321,29 @@ def _pictures(job: Job, model: RNCA, image: np.ndarray, mask: io.Loaded, binary:
         pictures.trajectory_gif(img, [before, *maps], job.pictures["gif"], scale)
 
 
-def _write(job: Job, mask: io.Loaded, prob: np.ndarray, options: RefineOptions) -> CaseResult:
-    binary = prob >= options.threshold
+def _write(job: Job, mask: io.Loaded, probs: np.ndarray, options: RefineOptions, min_size: int) -> tuple[CaseResult, np.ndarray]:
+    """Judge the case's runs (``probs``: (runs, *shape)), write its outputs; returns (result, mask written)."""
+    limits = guard.GuardLimits(options.guard, options.guard_change, options.guard_agreement)
+    prob, binary, spread, verdict = guard.combine(probs, mask.data, options.threshold, min_size, limits,
+                                                  options.ensemble)
     if options.label is not None:
         labels = mask.meta["labels"]
-        result = np.where(labels == options.label, 0, labels)
-        result = np.where(binary & (result == 0), options.label, result).astype(labels.dtype)
+        if verdict.kept:
+            result = labels
+        else:
+            result = np.where(labels == options.label, 0, labels)
+            result = np.where(binary & (result == 0), options.label, result).astype(labels.dtype)
     else:
         result = binary
     io.make_folder(job.out.parent)
     io.write_mask(job.out, result, mask)
     if job.prob_out is not None:
         io.make_folder(job.prob_out.parent)
-        io.write_mask(job.prob_out, prob, mask, soft=True)
-    before = int((mask.data >= options.threshold).sum())
-    return CaseResult(job.case_id, job.out, before, int(binary.sum()))
+        io.write_mask(job.prob_out, mask.data if verdict.kept else prob, mask, soft=True)
+    if job.uncertainty_out is not None:
+        io.make_folder(job.uncertainty_out.parent)
+        io.write_mask(job.uncertainty_out, spread, mask, soft=True)
+    return CaseResult(job.case_id, job.out, verdict), binary
 
 
 def run_jobs(
@@ -305,15 +352,20 @@ def run_jobs(
 ) -> list[CaseResult]:
     """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass.
 
+    Each case is refined with ``options.runs`` seeded runs and judged by
+    :func:`rnca_cli.guard.combine`; ``min_size`` is the options' or else the model's stored default.
     ``on_case`` gets each case's result once it is written; ``progress`` gets numbers of pixels as
-    they are refined (after each forward pass or tile), adding up to the jobs' ``pixels``."""
+    they are refined (after each forward pass or tile), adding up to the jobs' ``pixels`` times ``options.runs``."""
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
+    runs = options.runs
+    min_size = options.min_size if options.min_size is not None else model_min_size(model)
 
-    def finish(job: Job, mask: io.Loaded, prob: np.ndarray, image: np.ndarray) -> None:
-        results.append(_write(job, mask, prob, options))
+    def finish(job: Job, mask: io.Loaded, probs: np.ndarray, image: np.ndarray) -> None:
+        result, binary = _write(job, mask, probs, options, min_size)
+        results.append(result)
         if job.pictures:
-            _pictures(job, model, image, mask, prob >= options.threshold, options)
+            _pictures(job, model, image, mask, binary, options)
         if on_case:
             on_case(results[-1])
 
@@ -322,20 +374,23 @@ def run_jobs(
             return
         images = np.stack([img for _, _, img in pending])
         masks = np.stack([m.data for _, m, _ in pending])
-        probs = refine_batch(model, images, masks, options.steps, [options.seed] * len(pending), options.tile,
-                             options.precision, progress)
-        for (job, mask, image), prob in zip(pending, probs):
-            finish(job, mask, prob, image)
+        probs = np.stack([
+            refine_batch(model, images, masks, options.steps, [guard.run_seed(options.seed, r)] * len(pending),
+                         options.tile, options.precision, progress)
+            for r in range(runs)
+        ], axis=1)  # (cases, runs, H, W)
+        for (job, mask, image), case_probs in zip(pending, probs):
+            finish(job, mask, case_probs, image)
         pending.clear()
 
     for job in jobs:
         image, mask, image_data = _load(job, model, options)
         if mask.is_volume:
             flush()
-            finish(job, mask, refine_array(
-                model, image_data, mask.data, options.steps, options.seed, options.axis, options.batch, options.tile,
-                options.precision, progress,
-            ), image_data)
+            finish(job, mask, np.stack([refine_array(
+                model, image_data, mask.data, options.steps, guard.run_seed(options.seed, r), options.axis,
+                options.batch, options.tile, options.precision, progress,
+            ) for r in range(runs)]), image_data)
             continue
         if pending and pending[0][1].data.shape != mask.data.shape:
             flush()
@@ -346,15 +401,21 @@ def run_jobs(
     return results
 
 
+def model_min_size(model: RNCA) -> int:
+    """The clean-up a model carries (``rnca train --min-size``): components under this many pixels go."""
+    return int(getattr(model, "refine_defaults", {}).get("min_size", 0))
+
+
 @dataclass
 class RefineRun:
     """What :func:`refine_files` did: the cases written, the unmatched files as (kind, path), the
-    device it ran on and the seconds it took."""
+    device it ran on, the seconds it took and the per-case report written (or None)."""
 
     results: list[CaseResult]
     unmatched: list[tuple[str, Path]]
     device: str
     seconds: float
+    report: Path | None = None
 
 
 def refine_files(
@@ -380,6 +441,8 @@ def refine_files(
             raise UsageError(f"{image if not image.is_dir() else mask}: folder mode needs --image and --mask to be folders")
         if out is None:
             raise UsageError("folder mode needs --out DIR")
+        if options.report is None:
+            options = replace(options, report=default_report(out, options))
         jobs, pairing = plan_folder(image, mask, out, options)
         unmatched = [("image, skipped", p) for p in pairing.unmatched_images]
         unmatched += [("mask, skipped", p) for p in pairing.unmatched_masks]
@@ -393,4 +456,7 @@ def refine_files(
         on_start(jobs, unmatched)
     start = time.perf_counter()
     results = run_jobs(net, jobs, options, on_case, progress)
-    return RefineRun(results, unmatched, str(torch_device), time.perf_counter() - start)
+    if options.report is not None:
+        io.make_folder(options.report.parent)
+        io.write_csv(options.report, REPORT_COLUMNS, report_rows(results))
+    return RefineRun(results, unmatched, str(torch_device), time.perf_counter() - start, options.report)

@@ -634,6 +634,8 @@ def train(
     started = time.perf_counter()
     last_val: dict | None = None
 
+    refine_defaults = {"min_size": config.min_size} if config.min_size else None
+
     def save_last(it: int, elapsed: float) -> None:
         training = {"iteration": it, "optimizer": opt.state_dict(), "pool_which": pool.which.cpu(),
                     "pool_states": pool.states.cpu(), "best": best,
@@ -643,7 +645,7 @@ def train(
         if ema is not None:
             training["ema"] = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
         save_checkpoint(run.last, model, {**provenance, "iterations": it, "train_seconds": round(offset + elapsed, 1)},
-                        training)
+                        training, refine_defaults)
         run.write_log(rows)
         pictures.curves(rows, run.curves)
 
@@ -670,14 +672,14 @@ def train(
             val = None
             if ranks.main and data.val and (it % config.val_every == 0 or last):
                 model.eval()
-                val = score(refine_cases(evaluated, data.val, config.steps, config.seed), data.val)
+                val = score(refine_cases(evaluated, data.val, config.steps, config.seed, config.min_size), data.val)
                 model.train()
                 row.update({f"val_{k}": f"{v:.6g}" for k, v in val.items()})
                 last_val = val
                 if better(config.select, val[config.select], None if best is None else best[config.select]):
                     best = {**val, "iteration": it}
                     save_checkpoint(run.best, evaluated, {**provenance, "iterations": it, "selected_by": config.select,
-                                                      **{f"val_{k}": v for k, v in val.items()}})
+                                                      **{f"val_{k}": v for k, v in val.items()}}, refine=refine_defaults)
             rows.append(row)
             if ranks.main and (it % config.save_every == 0 or last):
                 save_last(it, elapsed)

@@ -52,9 +52,10 @@ def coarse_score(cases: list[ValCase]) -> dict[str, float]:
     return score([c.coarse >= 0.5 for c in cases], cases)
 
 
-def refine_cases(model, cases: list[ValCase], steps: int, seed: int) -> list[np.ndarray]:
-    """Binary refinements of the cases, exactly as ``rnca refine --seed seed`` makes them
-    (equal-size cases share forward passes)."""
+def refine_cases(model, cases: list[ValCase], steps: int, seed: int, min_size: int = 0) -> list[np.ndarray]:
+    """Binary refinements of the cases, exactly as ``rnca refine --seed seed --min-size min_size
+    --no-guard`` makes them (equal-size cases share forward passes)."""
+    from .guard import remove_small
     from .refine import refine_batch
 
     out: list[np.ndarray | None] = [None] * len(cases)
@@ -66,7 +67,7 @@ def refine_cases(model, cases: list[ValCase], steps: int, seed: int) -> list[np.
         masks = np.stack([cases[i].coarse for i in indices])
         probs = refine_batch(model, images, masks, steps, [seed] * len(indices))
         for i, prob in zip(indices, probs):
-            out[i] = prob >= 0.5
+            out[i] = remove_small(prob >= 0.5, min_size)
     return out
 
 

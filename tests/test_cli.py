@@ -69,7 +69,7 @@ def test_refine_png_folder(tmp_path, png_folders, model_file):
     result = rnca("refine", "--image", images, "--mask", masks, "--out", tmp_path / "out", "--model", model_file,
                   "--steps", 3)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png", "refine.csv"]
     assert "unmatched image, skipped" in result.output and "extra.png" in result.output
 
 

@@ -145,7 +145,7 @@ def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
     jobs, _ = rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions(steps=2))
     told, cases = [], []
     rf.run_jobs(model, jobs, rf.RefineOptions(steps=2), cases.append, told.append)
-    assert sum(told) == sum(job.pixels for job in jobs) == sum(read_mask(job.mask).data.size for job in jobs)
+    assert sum(told) == 2 * sum(job.pixels for job in jobs) == 2 * sum(read_mask(job.mask).data.size for job in jobs)
     assert [c.case_id for c in cases] == [job.case_id for job in jobs]
 
 
