@@ -5,7 +5,7 @@ A checkpoint is a plain dict saved with ``torch.save``::
     {"format": "rnca-checkpoint", "format_version": 1,
      "config": ModelConfig.to_dict(), "state_dict": {...tensors...},
      "provenance": {"rnca_version", "created", "data", "iterations", ...},
-     "refine": {"min_size": int},  # optional: the clean-up refine applies by default
+     "refine": {"min_size": int, "guard_change": float, "guard_agreement": float},  # optional: refine's defaults
      "training": {...}}  # only in a run's last.pt: what --resume continues from
 
 It holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``:
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import os
 import pickle
 import zipfile
@@ -98,6 +99,15 @@ def save_checkpoint(
     return path
 
 
+def set_refine_defaults(path: str | os.PathLike, values: dict[str, Any]) -> Path:
+    """Update the refine defaults stored in checkpoint ``path`` (the weights stay as they are)."""
+    payload = read_checkpoint(path)
+    payload["refine"] = {**payload.get("refine", {}), **values}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, shapes, dtypes and bytes, in key order."""
     h = hashlib.sha256()
@@ -142,9 +152,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: refused: weight {name} holds NaN or infinite values")
     refine = payload.get("refine", {})
-    if not isinstance(refine, dict) or not (isinstance(refine.get("min_size", 0), int) and refine.get("min_size", 0) >= 0):
-        raise CheckpointError(f"{path}: refine defaults {refine!r} are not valid (min_size: an integer >= 0)")
+    if not _valid_refine_defaults(refine):
+        raise CheckpointError(f"{path}: refine defaults {refine!r} are not valid (min_size: an integer >= 0, "
+                              "guard_change > 0, guard_agreement in [0, 1])")
     return payload
+
+
+def _valid_refine_defaults(refine: Any) -> bool:
+    if not isinstance(refine, dict):
+        return False
+    size, change, agreement = refine.get("min_size", 0), refine.get("guard_change", 1.0), refine.get("guard_agreement", 1.0)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (change, agreement))
+    return (isinstance(size, int) and size >= 0 and numbers and 0 < change < math.inf and 0 <= agreement <= 1)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[RNCA, dict[str, Any]]:

@@ -18,12 +18,16 @@ the input mask where the refinement looks unreliable:
 * **the guard**: a case is *kept* (its input mask written instead) when the foreground grew or
   shrank by more than ``max_change`` of the input's, or when the seeded runs disagree: the lowest
   Dice between a run's mask and the result is below ``min_agreement``. The guard needs two runs at
-  least; with ``--ensemble 1`` it runs a second one. Defaults and how they were chosen: README,
-  "Do no harm".
+  least; with ``--ensemble 1`` it runs a second one.
+* **limits per model**: how much a good refinement changes a mask depends on the task (a ring with
+  a wide gap grows by half), so ``rnca train`` measures it on its validation cases and stores
+  limits in the checkpoint (:func:`calibrated_limits`); a model without them gets
+  :data:`DEFAULT_LIMITS`, and the command line overrides either.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +67,29 @@ class GuardLimits:
     enabled: bool = True
     max_change: float = 0.5
     min_agreement: float = 0.9
+
+
+DEFAULT_LIMITS = GuardLimits()
+
+
+def limits_for(refine_defaults: dict, enabled: bool, max_change: float | None, min_agreement: float | None) -> GuardLimits:
+    """The limits a refine uses: those given, else the model's stored ones, else the defaults."""
+    return GuardLimits(
+        enabled,
+        max_change if max_change is not None else float(refine_defaults.get("guard_change", DEFAULT_LIMITS.max_change)),
+        min_agreement if min_agreement is not None else float(
+            refine_defaults.get("guard_agreement", DEFAULT_LIMITS.min_agreement)),
+    )
+
+
+def calibrated_limits(verdicts: list["Verdict"]) -> dict[str, float]:
+    """Limits that trust every one of a model's own validation cases with a margin: the change
+    limit is 1.5 x the largest change seen (at least the default), the agreement limit 0.05 below
+    the lowest agreement seen (at most the default)."""
+    largest = max((abs(v.change) for v in verdicts), default=0.0)
+    lowest = min((v.agreement for v in verdicts), default=1.0)
+    return {"guard_change": max(DEFAULT_LIMITS.max_change, math.ceil(150 * largest) / 100),
+            "guard_agreement": min(DEFAULT_LIMITS.min_agreement, max(0.0, math.floor(100 * lowest - 5) / 100))}
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ class RefineOptions:
     ensemble: int = 1
     min_size: int | None = None  # None: the model's stored default (0 when it has none)
     guard: bool = True
-    guard_change: float = 0.5
-    guard_agreement: float = 0.9
+    guard_change: float | None = None  # None: the model's stored limit, else rnca_cli.guard.DEFAULT_LIMITS
+    guard_agreement: float | None = None
     save_uncertainty: Path | None = None  # per-pixel std of the runs (needs ensemble >= 2)
     report: Path | None = None  # per-case CSV; folder mode defaults to <out>/refine.csv
 
@@ -71,7 +71,8 @@ class RefineOptions:
             raise UsageError("--save-uncertainty needs --ensemble 2 or more (one run has no spread)")
         if self.min_size is not None and self.min_size < 0:
             raise UsageError(f"min-size must be >= 0 pixels, not {self.min_size}")
-        if not self.guard_change > 0 or not 0 <= self.guard_agreement <= 1:
+        if (self.guard_change is not None and not self.guard_change > 0) or (
+                self.guard_agreement is not None and not 0 <= self.guard_agreement <= 1):
             raise UsageError("guard-change must be > 0 and guard-agreement in [0, 1]")
 
 

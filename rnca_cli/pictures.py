@@ -71,6 +71,34 @@ def _labelled(panel: np.ndarray, text: str, scale: int) -> np.ndarray:
     return np.asarray(out)
 
 
+MISSED = (0, 200, 255)
+
+
+def errors_rgb(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """A mask against the ground truth: right foreground white, extra pixels red, missed cyan."""
+    m, t = np.asarray(mask) >= 0.5, np.asarray(truth) >= 0.5
+    rgb = np.zeros((*m.shape, 3), np.uint8)
+    rgb[m & t] = (235, 235, 235)
+    rgb[m & ~t] = REMOVED
+    rgb[~m & t] = MISSED
+    return rgb
+
+
+def comparison_sheet(rows: Sequence[dict], path: Path, scale: int = 1) -> Path:
+    """One row per case: the image, then each named mask against the ground truth
+    (:func:`errors_rgb`), then the ground truth. ``rows``: dicts with ``image``, ``truth``,
+    ``title`` and ``masks`` (name -> mask, in column order)."""
+    lines = []
+    for row in rows:
+        panels = [_labelled(_gray_rgb(row["image"]), row["title"], scale)]
+        panels += [_labelled(errors_rgb(m, row["truth"]), name, scale) for name, m in row["masks"].items()]
+        panels.append(_labelled(_gray_rgb(np.asarray(row["truth"], np.float32)), "ground truth", scale))
+        lines.append(_tile(panels, gap=4))
+    width = max(line.shape[1] for line in lines)
+    padded = [np.pad(line, ((0, 6), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
+    return _save(Image.fromarray(np.concatenate(padded, axis=0)), path)
+
+
 def trajectory_strip(rows: Sequence[dict], path: Path, scale: int = 1) -> Path:
     """One row per case: image, coarse mask, the visible channel at the recorded steps, and the
     ground truth when given. Each row is ``{"image", "coarse", "steps": {t: map}, "target"?}``."""

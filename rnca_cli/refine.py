@@ -321,9 +321,9 @@ def _pictures(job: Job, model: RNCA, image: np.ndarray, mask: io.Loaded, binary:
         pictures.trajectory_gif(img, [before, *maps], job.pictures["gif"], scale)
 
 
-def _write(job: Job, mask: io.Loaded, probs: np.ndarray, options: RefineOptions, min_size: int) -> tuple[CaseResult, np.ndarray]:
+def _write(job: Job, mask: io.Loaded, probs: np.ndarray, options: RefineOptions, min_size: int,
+           limits: guard.GuardLimits) -> tuple[CaseResult, np.ndarray]:
     """Judge the case's runs (``probs``: (runs, *shape)), write its outputs; returns (result, mask written)."""
-    limits = guard.GuardLimits(options.guard, options.guard_change, options.guard_agreement)
     prob, binary, spread, verdict = guard.combine(probs, mask.data, options.threshold, min_size, limits,
                                                   options.ensemble)
     if options.label is not None:
@@ -353,16 +353,19 @@ def run_jobs(
     """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass.
 
     Each case is refined with ``options.runs`` seeded runs and judged by
-    :func:`rnca_cli.guard.combine`; ``min_size`` is the options' or else the model's stored default.
+    :func:`rnca_cli.guard.combine`; ``min_size`` and the guard's limits are the options', or else
+    the model's stored defaults.
     ``on_case`` gets each case's result once it is written; ``progress`` gets numbers of pixels as
     they are refined (after each forward pass or tile), adding up to the jobs' ``pixels`` times ``options.runs``."""
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
     runs = options.runs
     min_size = options.min_size if options.min_size is not None else model_min_size(model)
+    limits = guard.limits_for(getattr(model, "refine_defaults", {}), options.guard, options.guard_change,
+                              options.guard_agreement)
 
     def finish(job: Job, mask: io.Loaded, probs: np.ndarray, image: np.ndarray) -> None:
-        result, binary = _write(job, mask, probs, options, min_size)
+        result, binary = _write(job, mask, probs, options, min_size, limits)
         results.append(result)
         if job.pictures:
             _pictures(job, model, image, mask, binary, options)

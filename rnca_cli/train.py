@@ -23,7 +23,9 @@ the rnca version), ``command.txt``, ``log.csv``, ``last.pt`` (the weights and ev
 ``--resume`` needs: optimizer, schedule, pool, iteration, every generator's state) and, with
 validation, ``best.pt``, ``final.csv`` (coarse, best and last compared) and pictures:
 ``curves.png`` (loss and validation metrics) and ``trajectory.png`` / ``.gif`` (validation cases
-repaired step by step). A run killed at any
+repaired step by step). At the end, ``best.pt`` and ``last.pt`` get the guard limits that trust
+the model on its validation cases (:func:`rnca_cli.validation.guard_limits`); resuming a finished
+run redoes this last part. A run killed at any
 moment and resumed ends with the weights of the same run uninterrupted, on the same device and
 thread count.
 """
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 from . import io, pictures
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_refine_defaults
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
 from .errors import InputError, OutputError, TrainingError, UsageError
@@ -54,7 +56,7 @@ from .losses import far_from, sample_losses
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig, parse_loss
 from .perturb import apply_recipe, parse_recipe
-from .validation import METRICS, ValCase, better, coarse_score, refine_cases, score
+from .validation import METRICS, ValCase, better, coarse_score, guard_limits, refine_cases, score
 
 
 @dataclass
@@ -532,8 +534,10 @@ class Run:
             before = json.loads(self.config.read_text())
         except (OSError, ValueError):
             raise InputError(f"{self.config}: missing or unreadable; cannot check the run's options") from None
+        defaults = {"train_config": asdict(TrainConfig()), "model_config": ModelConfig().to_dict()}
         for key in ("train_config", "model_config"):
-            old, new = before.get(key, {}), record[key]
+            # an option added since the run started has its default there (the run behaved so)
+            old, new = {**defaults[key], **before.get(key, {})}, record[key]
             for name in sorted(set(old) | set(new)):
                 if name not in RESUMABLE_CHANGES and old.get(name) != new.get(name):
                     raise UsageError(f"{self.config}: the run used {name}={old.get(name)!r}, not {new.get(name)!r}; "
@@ -697,6 +701,11 @@ def train(
         table.append(["last", it, *(last_val[m] for m in METRICS)])
         io.write_csv(run.final, ["masks", "iteration", *METRICS], table)
         repair_pictures(evaluated, data.val[:4], config.steps, config.seed, *run.trajectory)
+    if ranks.main and data.val:
+        for path in (run.best, run.last):  # the guard's limits, measured on the validation cases
+            if path.exists():
+                chosen = load_checkpoint(path)[0].to(device)
+                set_refine_defaults(path, guard_limits(chosen, data.val, config.steps, config.seed, config.min_size))
     ranks.barrier()
     return model, (run.best if run.best.exists() else run.last)
 

@@ -52,10 +52,9 @@ def coarse_score(cases: list[ValCase]) -> dict[str, float]:
     return score([c.coarse >= 0.5 for c in cases], cases)
 
 
-def refine_cases(model, cases: list[ValCase], steps: int, seed: int, min_size: int = 0) -> list[np.ndarray]:
-    """Binary refinements of the cases, exactly as ``rnca refine --seed seed --min-size min_size
-    --no-guard`` makes them (equal-size cases share forward passes)."""
-    from .guard import remove_small
+def probabilities(model, cases: list[ValCase], steps: int, seed: int) -> list[np.ndarray]:
+    """Refined probabilities of the cases, as ``rnca refine --seed seed`` computes them
+    (equal-size cases share forward passes)."""
     from .refine import refine_batch
 
     out: list[np.ndarray | None] = [None] * len(cases)
@@ -65,10 +64,28 @@ def refine_cases(model, cases: list[ValCase], steps: int, seed: int, min_size: i
     for indices in by_shape.values():
         images = np.stack([cases[i].image for i in indices])
         masks = np.stack([cases[i].coarse for i in indices])
-        probs = refine_batch(model, images, masks, steps, [seed] * len(indices))
-        for i, prob in zip(indices, probs):
-            out[i] = remove_small(prob >= 0.5, min_size)
+        for i, prob in zip(indices, refine_batch(model, images, masks, steps, [seed] * len(indices))):
+            out[i] = prob
     return out
+
+
+def refine_cases(model, cases: list[ValCase], steps: int, seed: int, min_size: int = 0) -> list[np.ndarray]:
+    """Binary refinements of the cases, exactly as ``rnca refine --seed seed --min-size min_size
+    --no-guard`` makes them."""
+    from .guard import remove_small
+
+    return [remove_small(p >= 0.5, min_size) for p in probabilities(model, cases, steps, seed)]
+
+
+def guard_limits(model, cases: list[ValCase], steps: int, seed: int, min_size: int = 0) -> dict[str, float]:
+    """Guard limits that trust the model on these cases (:func:`rnca_cli.guard.calibrated_limits`),
+    from the two seeded runs ``rnca refine`` makes."""
+    from .guard import DEFAULT_LIMITS, calibrated_limits, combine, run_seed
+
+    runs = [probabilities(model, cases, steps, run_seed(seed, r)) for r in range(2)]
+    verdicts = [combine(np.stack([a, b]), case.coarse, 0.5, min_size, DEFAULT_LIMITS)[3]
+                for a, b, case in zip(*runs, cases)]
+    return calibrated_limits(verdicts)
 
 
 def better(metric: str, new: float, old: float | None) -> bool:

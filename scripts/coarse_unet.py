@@ -8,7 +8,7 @@ missing thin tips, stray fragments), not only from synthetic damage. This script
 2. The train cases are split into ``--folds`` folds. For each fold a U-Net (width 16, depth 3) is
    trained on the other folds and predicts the fold: ``out/oof/`` holds one out-of-fold coarse mask
    per train case, the refiner's training states.
-3. A different network (width 24, depth 4, another seed) is trained on all train cases and predicts
+3. A different network (one level deeper: width 16, depth 4, another seed) is trained on all train cases and predicts
    the test cases: ``out/unseen/``. The refiner never sees this network nor these images, so its
    scores there say how it does on a segmentation model it was not trained for.
 
@@ -17,7 +17,7 @@ Masks are the probabilities thresholded at 0.5 inside the field of view, written
 
     python scripts/coarse_unet.py --data ../shared/data/drive-train --out data/drive-coarse
 
-About 3 minutes per network on 2 CPU cores at the defaults (4 networks).
+About 5 minutes per network on 2 CPU cores at the defaults (4 networks).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/drive-coarse"))
     parser.add_argument("--test-cases", type=int, default=5, help="hold out the last N case ids")
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=1200)
+    parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     folds = [train_ids[k :: args.folds] for k in range(args.folds)]
     jobs = [(f"fold{k}", 16, 3, args.seed + k, [c for c in train_ids if c not in fold], fold, "oof")
             for k, fold in enumerate(folds)]
-    jobs.append(("unseen", 24, 4, args.seed + 100, train_ids, test_ids, "unseen"))
+    jobs.append(("unseen", 16, 4, args.seed + 100, train_ids, test_ids, "unseen"))
     for name, width, depth, seed, fit, targets, sub in jobs:
         start = time.perf_counter()
         print(f"{name}: U-Net width {width} depth {depth}, trained on {len(fit)} cases, predicts {', '.join(targets)}")

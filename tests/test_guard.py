@@ -100,6 +100,27 @@ def test_runs_that_disagree_keep_the_input():
     np.testing.assert_array_equal(mask, coarse >= 0.5)
 
 
+def verdict(change: float, agreement: float) -> G.Verdict:
+    return G.Verdict(100, int(100 * (1 + change)), change, agreement, 0.0, "")
+
+
+@pytest.mark.parametrize("verdicts, expected", [
+    ([], {"guard_change": 0.5, "guard_agreement": 0.9}),  # nothing seen: the defaults
+    ([verdict(0.1, 0.99), verdict(-0.2, 0.97)], {"guard_change": 0.5, "guard_agreement": 0.9}),
+    ([verdict(0.6, 0.99), verdict(0.1, 0.9)], {"guard_change": 0.9, "guard_agreement": 0.85}),
+    ([verdict(-0.8, 0.5)], {"guard_change": 1.2, "guard_agreement": 0.45}),
+])
+def test_calibrated_limits_trust_every_validation_case_with_a_margin(verdicts, expected):
+    assert G.calibrated_limits(verdicts) == pytest.approx(expected)
+
+
+def test_limits_come_from_the_options_then_the_model_then_the_defaults():
+    stored = {"guard_change": 1.2, "guard_agreement": 0.8}
+    assert G.limits_for({}, True, None, None) == G.DEFAULT_LIMITS
+    assert G.limits_for(stored, True, None, None) == G.GuardLimits(True, 1.2, 0.8)
+    assert G.limits_for(stored, False, 0.3, None) == G.GuardLimits(False, 0.3, 0.8)
+
+
 def test_ensemble_mean_uses_the_first_runs_only():
     probs = np.stack([np.full((4, 4), v, np.float32) for v in (0.2, 0.6, 1.0)])
     mean, _, std, _ = G.combine(probs, np.zeros((4, 4), np.float32), 0.5, 0, G.GuardLimits(enabled=False), ensemble=2)
@@ -174,3 +195,18 @@ def test_a_model_carries_its_min_size_and_refine_can_override_it(tmp_path):
     assert not np.asarray(Image.open(out / "default.png")).any()  # every component is under 10000 px
     assert rnca("refine", *args, "-o", out / "off.png", "--min-size", 0).exit_code == 0
     assert np.asarray(Image.open(out / "off.png")).any()
+
+
+@pytest.mark.parametrize("bad", [{"min_size": -1}, {"min_size": 2.5}, {"guard_change": "x"}, {"guard_change": 0},
+                                 {"guard_agreement": 1.5}, {"guard_change": float("inf")}, "not a dict"])
+def test_a_checkpoint_with_invalid_refine_defaults_is_refused_with_one_line(tmp_path, bad):
+    import torch
+
+    path = save_checkpoint(tmp_path / "m.pt", tiny_model())
+    payload = torch.load(path, weights_only=True)
+    payload["refine"] = bad
+    torch.save(payload, path)
+    result = rnca("refine", "-i", EXAMPLES / "rings/images/example_500.png", "-m", EXAMPLES / "rings/masks/example_500.png",
+                  "-o", tmp_path / "out.png", "--model", path)
+    assert result.exit_code == 1 and "refine defaults" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out.png").exists()

@@ -173,6 +173,14 @@ def test_validation_metrics_are_logged_and_best_changes_only_when_the_selected_m
     assert height == 2 * (4 * 32 + 14 + 4) and width > 7 * 4 * 32
     assert opened("trajectory.gif")[1] == 5  # the coarse mask and 4 steps
     assert float(final[1]["dice"]) == pytest.approx(running, rel=1e-5)
+    from rnca_cli.guard import DEFAULT_LIMITS
+    from rnca_cli.validation import guard_limits
+
+    for name in ("best.pt", "last.pt"):  # both carry guard limits that trust their validation cases
+        chosen = load_checkpoint(tmp_path / "run" / name)[0]
+        limits = chosen.refine_defaults
+        assert limits == guard_limits(chosen, tr.load_dataset(*folders, config).val, 4, 0)
+        assert limits["guard_change"] >= DEFAULT_LIMITS.max_change and limits["guard_agreement"] <= DEFAULT_LIMITS.min_agreement
 
 
 def test_the_run_folder_records_options_data_and_command(tmp_path):
