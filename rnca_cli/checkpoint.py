@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .io import atomic_path
 from .model import RNCA, ModelConfig
 
@@ -93,9 +93,18 @@ def save_checkpoint(
         payload["refine"] = dict(refine)
     if training is not None:
         payload["training"] = training
-    path = Path(path)
+    return _write(payload, Path(path))
+
+
+def _write(payload: dict[str, Any], path: Path) -> Path:
+    """``torch.save`` through an atomic temporary file. PyTorch reports a failed write (a full
+    disk) as a RuntimeError from its zip writer; it becomes an OutputError naming ``path``."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OutputError(f"{path}: cannot write the checkpoint (is the disk full? {reason})") from None
     return path
 
 
@@ -103,9 +112,7 @@ def set_refine_defaults(path: str | os.PathLike, values: dict[str, Any]) -> Path
     """Update the refine defaults stored in checkpoint ``path`` (the weights stay as they are)."""
     payload = read_checkpoint(path)
     payload["refine"] = {**payload.get("refine", {}), **values}
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return _write(payload, Path(path))
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -112,3 +112,21 @@ def test_the_shipped_model_carries_a_digest():
     from rnca_cli.checkpoint import read_checkpoint, resolve_model
 
     assert len(read_checkpoint(resolve_model("rings"))["weights_sha256"]) == 64
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A full disk makes torch.save raise a RuntimeError from its zip writer; the old file stays."""
+    import torch
+
+    from rnca_cli.errors import OutputError
+
+    target = save_checkpoint(tmp_path / "m.pt", tiny_model())
+    before = target.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OutputError, match=r"m\.pt: cannot write the checkpoint \(is the disk full\?"):
+        save_checkpoint(target, tiny_model(seed=1))
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
