@@ -282,6 +282,8 @@ def refine(
     guard_change: Annotated[Optional[float], typer.Option(help="Guard: largest foreground growth or shrinkage trusted, as a share of the input's (default: the model's, else 0.5).")] = None,
     guard_agreement: Annotated[Optional[float], typer.Option(help="Guard: lowest Dice between seeded runs trusted (default: the model's, else 0.9).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Per-case CSV: guard decision, foreground change, agreement, uncertainty (folder mode default: <out>/refine.csv).")] = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Folder mode: leave out cases whose output mask exists (finish an interrupted batch).")] = False,
+    continue_on_error: Annotated[bool, typer.Option("--continue-on-error", help="Folder mode: refine the good cases, list the bad ones at the end, exit 1.")] = False,
     num_parts: Annotated[int, typer.Option("--num-parts", "-num_parts", help="Folder mode: split the cases into this many parts (a cluster job array).")] = R.num_parts,
     part_id: Annotated[int, typer.Option("--part-id", "-part_id", help="Which part this run refines, 0..num-parts-1 (every num-parts-th case by case id).")] = R.part_id,
     seed: Seed = R.seed,
@@ -297,7 +299,8 @@ def refine(
                             save_prob=save_prob, batch=batch, tile=tile, precision=precision, overwrite=overwrite,
                             save_overlay=save_overlay, save_trajectory=save_trajectory, num_parts=num_parts,
                             part_id=part_id, ensemble=ensemble, save_uncertainty=save_uncertainty, min_size=min_size,
-                            guard=guard, guard_change=guard_change, guard_agreement=guard_agreement, report=report)
+                            guard=guard, guard_change=guard_change, guard_agreement=guard_agreement, report=report,
+                            skip_existing=skip_existing, continue_on_error=continue_on_error)
     _set_threads(threads)
     # The bar counts pixels, so that one large image or volume shows progress too (tile by tile,
     # pass by pass); it stays hidden for a single case that is one forward pass.
@@ -329,11 +332,19 @@ def refine(
             f"foreground {before} -> {after} pixels; wrote {where}",
             highlight=False, markup=False,
         )
+        if run.existing:
+            err.print(f"skipped {len(run.existing)} finished case(s) whose output exists", highlight=False, markup=False)
+        if run.swept:
+            err.print(f"removed {len(run.swept)} temporary file(s) left by an interrupted run", highlight=False, markup=False)
         kept = [r for r in run.results if r.verdict.kept]
         if kept:
             shown = "; ".join(f"{r.case_id}: {r.verdict.kept}" for r in kept[:5]) + ("; ..." if len(kept) > 5 else "")
             err.print(f"guard: kept the input mask of {len(kept)} of {len(run.results)} case(s) ({shown})"
                       + (f"; see {run.report}" if run.report else ""), highlight=False, markup=False)
+    if run.failed:  # --continue-on-error: the good cases are written; the bad ones are listed, even with -q
+        for _case, message in run.failed:
+            err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+        fail(f"{len(run.failed)} case(s) failed and were not refined; the other {len(run.results)} were written")
 
 
 def _summary_table(title: str, summary: dict) -> Table:

@@ -42,6 +42,8 @@ class RefineOptions:
     guard_agreement: float | None = None
     save_uncertainty: Path | None = None  # per-pixel std of the runs (needs ensemble >= 2)
     report: Path | None = None  # per-case CSV; folder mode defaults to <out>/refine.csv
+    skip_existing: bool = False  # folder: leave out cases whose mask output exists (finish a batch)
+    continue_on_error: bool = False  # folder: leave out cases that cannot be read, list them at the end
 
     @property
     def runs(self) -> int:
@@ -69,6 +71,8 @@ class RefineOptions:
             raise UsageError(f"ensemble must be in 1..64 seeded runs, not {self.ensemble}")
         if self.save_uncertainty is not None and self.ensemble < 2:
             raise UsageError("--save-uncertainty needs --ensemble 2 or more (one run has no spread)")
+        if self.skip_existing and self.overwrite:
+            raise UsageError("--skip-existing keeps finished outputs and --overwrite replaces them; choose one")
         if self.min_size is not None and self.min_size < 0:
             raise UsageError(f"min-size must be >= 0 pixels, not {self.min_size}")
         if (self.guard_change is not None and not self.guard_change > 0) or (

@@ -23,6 +23,7 @@ Decisions a user can rely on (also in the README):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -212,10 +213,25 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
     return jobs
 
 
-def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineOptions) -> tuple[list[Job], io.Pairing]:
+@dataclass
+class FolderPlan:
+    """The jobs of a folder refine, and what was left out: unpaired files, cases already finished
+    (their mask outputs), cases that failed their checks as (case id, message)."""
+
+    jobs: list[Job]
+    pairing: io.Pairing
+    existing: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineOptions) -> FolderPlan:
     """Jobs for every paired case (with ``num_parts`` > 1, every ``num_parts``-th case by case id from
     ``part_id`` on, so that a job array's parts together make one whole run); outputs
-    ``out_dir/<case><suffix>``, probabilities in ``out_dir/prob``."""
+    ``out_dir/<case><suffix>``, probabilities in ``out_dir/prob``.
+
+    With ``skip_existing``, a case whose mask output exists is left out (a finished case: the mask
+    is written last). With ``continue_on_error``, a case whose files are unreadable or disagree is
+    left out and recorded in ``failed`` as (case id, message) instead of stopping the plan."""
     pairing = io.pair_folders(image_dir, mask_dir)
     if not pairing.cases:
         raise InputError(f"{image_dir}: no image has a mask with the same case id in {mask_dir}")
@@ -223,15 +239,27 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
         raise OutputError(f"{out_dir}: exists and is not a folder")
     if out_dir.resolve() == mask_dir.resolve():
         raise OutputError(f"{out_dir}: is the mask folder; inputs are never overwritten, choose another --out")
-    jobs = []
+    plan = FolderPlan([], pairing)
     for case in pairing.cases[options.part_id :: options.num_parts]:  # parts of a job array, nnU-Net's way
         name = case.case_id + io.output_suffix(case.mask)
+        if options.skip_existing and (out_dir / name).exists():
+            plan.existing.append(out_dir / name)
+            continue
         prob = out_dir / "prob" / name if options.save_prob else None
         spread = options.save_uncertainty / name if options.save_uncertainty else None
-        jobs.append(Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask),
-                        _picture_paths(case.case_id, options), spread))
-    _check_outputs(jobs, options.overwrite, options.report)
-    return jobs, pairing
+        try:
+            job = Job(case.case_id, case.images, case.mask, out_dir / name, prob, io.peek_shape(case.mask),
+                      _picture_paths(case.case_id, options), spread)
+            _check_inputs(job)
+        except InputError as exc:
+            if not options.continue_on_error:
+                raise
+            plan.failed.append((case.case_id, str(exc)))
+            continue
+        plan.jobs.append(job)
+    # a case left unfinished by a killed run may have its other outputs: those are replaced
+    _check_outputs(plan.jobs, options.overwrite or options.skip_existing, options.report, options.skip_existing)
+    return plan
 
 
 def default_report(out_dir: Path, options: RefineOptions) -> Path:
@@ -261,24 +289,26 @@ def _check_output_suffix(out: Path, mask: Path) -> None:
         raise OutputError(f"{out}: masks are written only as PNG or TIFF, not {io.suffix_of(out)!r}")
 
 
-def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None) -> None:
+def _check_inputs(job: Job) -> None:
+    """Refuse, from the file headers, a case whose image and mask disagree (shape, 2D or NIfTI)."""
+    for image in job.images:
+        if io.is_nifti(image) != io.is_nifti(job.mask):
+            raise InputError(f"{job.mask}: mask and image {image} must both be 2D images or both NIfTI")
+        if io.peek_shape(image) != job.shape:
+            raise InputError(f"{job.mask}: mask shape {job.shape} differs from image {image} shape {io.peek_shape(image)}")
+
+
+def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None, replace_report: bool = False) -> None:
     """Refuse before any work: unreadable inputs or shapes that disagree (from file headers),
     existing outputs without overwrite, outputs that are inputs."""
     inputs = {p.resolve() for job in jobs for p in (*job.images, job.mask)}
     if report is not None:
         if report.resolve() in inputs:
             raise OutputError(f"{report}: is an input file; inputs are never overwritten")
-        if report.exists() and not overwrite:
+        if report.exists() and not (overwrite or replace_report):
             raise OutputError(f"{report}: already exists; pass --overwrite to replace it")
     for job in jobs:
-        mask_shape = job.shape
-        for image in job.images:
-            if io.is_nifti(image) != io.is_nifti(job.mask):
-                raise InputError(f"{job.mask}: mask and image {image} must both be 2D images or both NIfTI")
-            if io.peek_shape(image) != mask_shape:
-                raise InputError(
-                    f"{job.mask}: mask shape {mask_shape} differs from image {image} shape {io.peek_shape(image)}"
-                )
+        _check_inputs(job)
         for target in filter(None, (job.out, job.prob_out, job.uncertainty_out, *job.pictures.values())):
             if target.resolve() in inputs:
                 raise OutputError(f"{target}: is an input file; inputs are never overwritten")
@@ -321,9 +351,20 @@ def _pictures(job: Job, model: RNCA, image: np.ndarray, mask: io.Loaded, binary:
         pictures.trajectory_gif(img, [before, *maps], job.pictures["gif"], scale)
 
 
-def _write(job: Job, mask: io.Loaded, probs: np.ndarray, options: RefineOptions, min_size: int,
-           limits: guard.GuardLimits) -> tuple[CaseResult, np.ndarray]:
-    """Judge the case's runs (``probs``: (runs, *shape)), write its outputs; returns (result, mask written)."""
+@dataclass
+class Judged:
+    """One case's runs combined (:func:`rnca_cli.guard.combine`): what will be written."""
+
+    verdict: guard.Verdict
+    prob: np.ndarray  # the probability written with --save-prob (the input's when kept)
+    binary: np.ndarray  # the mask decided (the input's when kept)
+    result: np.ndarray  # what the mask file holds (a label map with --label)
+    spread: np.ndarray  # per-pixel std of the runs
+
+
+def _judge(mask: io.Loaded, probs: np.ndarray, options: RefineOptions, min_size: int,
+           limits: guard.GuardLimits) -> Judged:
+    """Combine and judge a case's runs (``probs``: (runs, *shape)); nothing is written."""
     prob, binary, spread, verdict = guard.combine(probs, mask.data, options.threshold, min_size, limits,
                                                   options.ensemble)
     if options.label is not None:
@@ -335,20 +376,25 @@ def _write(job: Job, mask: io.Loaded, probs: np.ndarray, options: RefineOptions,
             result = np.where(binary & (result == 0), options.label, result).astype(labels.dtype)
     else:
         result = binary
-    io.make_folder(job.out.parent)
-    io.write_mask(job.out, result, mask)
+    return Judged(verdict, mask.data if verdict.kept else prob, binary, result, spread)
+
+
+def _write(job: Job, mask: io.Loaded, judged: Judged) -> CaseResult:
+    """Write a case's outputs, the mask last: a case whose mask exists is finished (--skip-existing)."""
     if job.prob_out is not None:
         io.make_folder(job.prob_out.parent)
-        io.write_mask(job.prob_out, mask.data if verdict.kept else prob, mask, soft=True)
+        io.write_mask(job.prob_out, judged.prob, mask, soft=True)
     if job.uncertainty_out is not None:
         io.make_folder(job.uncertainty_out.parent)
-        io.write_mask(job.uncertainty_out, spread, mask, soft=True)
-    return CaseResult(job.case_id, job.out, verdict), binary
+        io.write_mask(job.uncertainty_out, judged.spread, mask, soft=True)
+    io.make_folder(job.out.parent)
+    io.write_mask(job.out, judged.result, mask)
+    return CaseResult(job.case_id, job.out, judged.verdict)
 
 
 def run_jobs(
     model: RNCA, jobs: list[Job], options: RefineOptions, on_case: Callable[[CaseResult], None] | None = None,
-    progress: OnPixels = None,
+    progress: OnPixels = None, on_error: Callable[[Job, InputError], None] | None = None,
 ) -> list[CaseResult]:
     """Refine and write every job. Consecutive 2D cases of equal shape share a forward pass.
 
@@ -356,7 +402,9 @@ def run_jobs(
     :func:`rnca_cli.guard.combine`; ``min_size`` and the guard's limits are the options', or else
     the model's stored defaults.
     ``on_case`` gets each case's result once it is written; ``progress`` gets numbers of pixels as
-    they are refined (after each forward pass or tile), adding up to the jobs' ``pixels`` times ``options.runs``."""
+    they are refined (after each forward pass or tile), adding up to the jobs' ``pixels`` times ``options.runs``.
+    ``on_error``, if given, gets a case whose files cannot be read, and the run goes on without it;
+    otherwise the error stops the run."""
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
     runs = options.runs
@@ -365,10 +413,10 @@ def run_jobs(
                               options.guard_agreement)
 
     def finish(job: Job, mask: io.Loaded, probs: np.ndarray, image: np.ndarray) -> None:
-        result, binary = _write(job, mask, probs, options, min_size, limits)
-        results.append(result)
+        judged = _judge(mask, probs, options, min_size, limits)
         if job.pictures:
-            _pictures(job, model, image, mask, binary, options)
+            _pictures(job, model, image, mask, judged.binary, options)
+        results.append(_write(job, mask, judged))
         if on_case:
             on_case(results[-1])
 
@@ -387,7 +435,13 @@ def run_jobs(
         pending.clear()
 
     for job in jobs:
-        image, mask, image_data = _load(job, model, options)
+        try:
+            image, mask, image_data = _load(job, model, options)
+        except InputError as exc:
+            if on_error is None:
+                raise
+            on_error(job, exc)
+            continue
         if mask.is_volume:
             flush()
             finish(job, mask, np.stack([refine_array(
@@ -412,13 +466,18 @@ def model_min_size(model: RNCA) -> int:
 @dataclass
 class RefineRun:
     """What :func:`refine_files` did: the cases written, the unmatched files as (kind, path), the
-    device it ran on, the seconds it took and the per-case report written (or None)."""
+    device it ran on, the seconds it took, the per-case report written (or None), the cases skipped
+    because their outputs exist, those that failed as (case id, message), and the stale temporary
+    files of a killed run that were removed."""
 
     results: list[CaseResult]
     unmatched: list[tuple[str, Path]]
     device: str
     seconds: float
     report: Path | None = None
+    existing: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    swept: list[Path] = field(default_factory=list)
 
 
 def refine_files(
@@ -439,27 +498,42 @@ def refine_files(
     from .device import resolve_device
 
     unmatched: list[tuple[str, Path]] = []
-    if image.is_dir() or mask.is_dir():
+    folder = image.is_dir() or mask.is_dir()
+    plan = None
+    if folder:
         if not (image.is_dir() and mask.is_dir()):
             raise UsageError(f"{image if not image.is_dir() else mask}: folder mode needs --image and --mask to be folders")
         if out is None:
             raise UsageError("folder mode needs --out DIR")
         if options.report is None:
             options = replace(options, report=default_report(out, options))
-        jobs, pairing = plan_folder(image, mask, out, options)
-        unmatched = [("image, skipped", p) for p in pairing.unmatched_images]
-        unmatched += [("mask, skipped", p) for p in pairing.unmatched_masks]
+        plan = plan_folder(image, mask, out, options)  # every check, before the folder is made
+        unmatched = [("image, skipped", p) for p in plan.pairing.unmatched_images]
+        unmatched += [("mask, skipped", p) for p in plan.pairing.unmatched_masks]
+        jobs = plan.jobs
     else:
         if options.num_parts > 1:
             raise UsageError("--num-parts splits a folder; give --image and --mask folders")
+        if options.skip_existing or options.continue_on_error:
+            raise UsageError("--skip-existing and --continue-on-error are for folders; give --image and --mask folders")
         jobs = plan_single(image, mask, out, options)
     torch_device = resolve_device(device)
     net = load_model(model, torch_device)
-    if on_start:
-        on_start(jobs, unmatched)
-    start = time.perf_counter()
-    results = run_jobs(net, jobs, options, on_case, progress)
-    if options.report is not None:
-        io.make_folder(options.report.parent)
-        io.write_csv(options.report, REPORT_COLUMNS, report_rows(results))
-    return RefineRun(results, unmatched, str(torch_device), time.perf_counter() - start, options.report)
+    failed: list[tuple[str, str]] = list(plan.failed) if plan else []
+    swept: list[Path] = []
+    with io.claim_folder(out) if folder else contextlib.nullcontext():
+        if folder:  # held now: plan again (another run may have written meanwhile), sweep what a killed run left
+            plan = plan_folder(image, mask, out, options)
+            jobs, failed = plan.jobs, list(plan.failed)
+            for where in {out, *(j.prob_out.parent for j in jobs if j.prob_out)}:
+                swept += io.sweep_temporaries(where)
+        if on_start:
+            on_start(jobs, unmatched)
+        start = time.perf_counter()
+        on_error = (lambda job, exc: failed.append((job.case_id, str(exc)))) if options.continue_on_error else None
+        results = run_jobs(net, jobs, options, on_case, progress, on_error)
+        if options.report is not None:
+            io.make_folder(options.report.parent)
+            io.write_csv(options.report, REPORT_COLUMNS, report_rows(results))
+    return RefineRun(results, unmatched, str(torch_device), time.perf_counter() - start, options.report,
+                     plan.existing if plan else [], failed, swept)

@@ -62,7 +62,7 @@ def test_refine_array_refuses_bad_shapes_and_values(model):
 def test_folder_batching_gives_the_same_masks_as_single_files(tmp_path, model, png_folders):
     images, masks = png_folders
     options = rf.RefineOptions(steps=6, batch=3, save_prob=True)
-    jobs, pairing = rf.plan_folder(images, masks, tmp_path / "out", options)
+    jobs = rf.plan_folder(images, masks, tmp_path / "out", options).jobs
     results = rf.run_jobs(model, jobs, options)
     assert [r.case_id for r in results] == ["case0", "case1", "case2"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case0.png", "case1.png", "case2.png", "prob"]
@@ -142,7 +142,7 @@ def test_progress_adds_up_to_the_pixels(model, shape, tile, batch, calls):
 
 def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
     images, masks = png_folders
-    jobs, _ = rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions(steps=2))
+    jobs = rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions(steps=2)).jobs
     told, cases = [], []
     rf.run_jobs(model, jobs, rf.RefineOptions(steps=2), cases.append, told.append)
     assert sum(told) == 2 * sum(job.pixels for job in jobs) == 2 * sum(read_mask(job.mask).data.size for job in jobs)

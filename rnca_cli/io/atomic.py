@@ -1,6 +1,8 @@
 """Writing files safely: every output goes to a temporary file beside its target and is renamed
 into place, so a file is either complete or absent; OS failures become one-line
-:class:`~rnca_cli.errors.OutputError` s naming the output."""
+:class:`~rnca_cli.errors.OutputError` s naming the output. A run that writes many files into one
+folder holds it (:func:`claim_folder`), so that two runs never interleave their files, and may
+sweep the temporaries a killed run left there (:func:`sweep_temporaries`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import csv
 import io as _io
 import math
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +59,66 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         if isinstance(exc, OSError):
             raise OutputError(f"{target}: cannot write ({_os_reason(exc)})") from None
         raise
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*$")  # atomic_path's names (mkstemp: 8 random)
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left in ``folder`` when a run was killed
+    mid-write; returns them. Call it only while holding the folder (:func:`claim_folder`), so
+    that no running writer's file is taken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = [p for p in folder.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+LOCK_NAME = ".rnca.lock"
+
+
+@contextmanager
+def claim_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder`` for one run: a lock file created exclusively, holding this process's host
+    and pid, removed on exit. A second run is refused with one line; a lock left by a killed run
+    on this host (its pid is gone) is taken over."""
+    folder = make_folder(folder)
+    lock = folder / LOCK_NAME
+    me = f"{socket.gethostname()} {os.getpid()}\n"
+    for _attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = (lock.read_text(errors="replace").strip() if lock.exists() else "").partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # left by a run that was killed
+                continue
+            raise OutputError(f"{folder}: another rnca run ({host or 'unknown host'}, pid {pid or '?'}) is writing "
+                              f"here; wait for it, or remove {lock} if no run is") from None
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot claim the folder ({_os_reason(exc)})") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+        break
+    else:
+        raise OutputError(f"{folder}: could not claim the folder; remove {lock} if no run is writing there")
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def make_folder(path: str | os.PathLike) -> Path:
