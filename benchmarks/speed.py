@@ -289,7 +289,7 @@ r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
 mask = ((r > n * 0.3) & (r < n * 0.3 + 4)).astype(np.float32)
 del r
 image = 0.3 + 0.4 * mask
-refine_array(model, image, mask, steps={steps}, batch=16)
+refine_array(model, image, mask, steps={steps}, axis=2, batch=16)
 """
 
 INFERENCE_DEFAULT_MALLOC = """

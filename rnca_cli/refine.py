@@ -95,13 +95,35 @@ def refine_batch(
     return out
 
 
+def as_unit(array, what: str, mask: bool = False) -> np.ndarray:
+    """Image or mask data as float32 in [0, 1], from the dtypes users pass: bool; uint8 (an image
+    is divided by 255; a mask too unless it holds only 0 and 1); uint16 (divided by 65535); other
+    integers and floats already in [0, 1]. NaN, infinities and values out of range are refused."""
+    a = np.asarray(array)
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / (1.0 if mask and a.max(initial=0) <= 1 else 255.0)
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise InputError(f"{what}: dtype {a.dtype} is not a number type")
+    out = a.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise InputError(f"{what}: holds NaN or infinite values")
+    if out.size and (out.min() < 0 or out.max() > 1):
+        raise InputError(f"{what}: values must lie in [0, 1] (found {out.min():g}..{out.max():g}); "
+                         "pass uint8 data as uint8, or divide it by 255")
+    return out
+
+
 def refine_array(
     model: RNCA,
     image: np.ndarray,
     mask: np.ndarray,
     steps: int = 64,
     seed: int = 0,
-    axis: int = 2,
+    axis: int | None = None,
     batch: int = 32,
     tile: int = DEFAULT_TILE,
     precision: str = "fp32",
@@ -111,11 +133,13 @@ def refine_array(
 
     Args:
         model: from :func:`rnca_cli.load_model`, on the device to compute on.
-        image: 2D (H, W) or (H, W, C), or 3D (X, Y, Z) or (X, Y, Z, C); float in [0, 1].
-        mask: (H, W) or (X, Y, Z); binary or probability in [0, 1].
+        image: 2D (H, W) or (H, W, C), or 3D (X, Y, Z) or (X, Y, Z, C); float in [0, 1], or uint8 /
+            uint16 / bool (:func:`as_unit`).
+        mask: (H, W) or (X, Y, Z); binary or probability in [0, 1], or uint8 0/255, or bool.
         steps: automaton updates.
         seed: seed of the stochastic updates (same seed, same result).
-        axis: for 3D, the axis the volume is sliced along.
+        axis: for a 3D mask, the axis the volume is sliced along; it must be given, so that a stack
+            of 2D images is never refined as a volume by accident (use :func:`refine_images`).
         batch: for 3D, slices per forward pass.
         tile: images (or slices) larger than this are refined in tiles of this size with an exact
             halo, bounding memory; the result is the same.
@@ -124,17 +148,18 @@ def refine_array(
         progress: called with a number of pixels (voxels) each time that many are refined; they
             add up to ``mask.size``. For progress bars on large images and volumes.
     """
-    mask = np.asarray(mask, dtype=np.float32)
-    image = np.asarray(image, dtype=np.float32)
+    mask = as_unit(mask, "mask", mask=True)
+    image = as_unit(image, "image")
     if image.ndim == mask.ndim:
         image = image[..., None]
     if image.shape[:-1] != mask.shape or mask.ndim not in (2, 3):
         raise InputError(f"image shape {image.shape} does not match mask shape {mask.shape}")
-    if mask.min(initial=0) < 0 or mask.max(initial=0) > 1:
-        raise InputError("mask values must lie in [0, 1]")
     image = match_channels(image, model.config.image_channels)
     if mask.ndim == 2:
         return refine_batch(model, image[None], mask[None], steps, [seed], tile, precision, progress)[0]
+    if axis is None:
+        raise InputError(f"mask shape {mask.shape} is 3D: pass axis= to refine a volume slice by slice, "
+                         "or refine_images() for a stack of 2D images")
     # 3D: slices along `axis` become a batch of 2D cases.
     img_slices = np.moveaxis(image, axis, 0)  # (S, A, B, C)
     mask_slices = np.moveaxis(mask, axis, 0)  # (S, A, B)
@@ -144,6 +169,27 @@ def refine_array(
         seeds = [seed + k for k in range(start, min(start + batch, len(mask_slices)))]
         out[rows] = refine_batch(model, img_slices[rows], mask_slices[rows], steps, seeds, tile, precision, progress)
     return np.moveaxis(out, 0, axis)
+
+
+def refine_images(
+    model: RNCA, images: np.ndarray, masks: np.ndarray, steps: int = 64, seed: int = 0, batch: int = 32,
+    tile: int = DEFAULT_TILE, precision: str = "fp32",
+) -> np.ndarray:
+    """Refine a stack of equal-size 2D cases, each as ``refine_array`` would alone with ``seed``
+    (as a folder refine does): images (N, H, W) or (N, H, W, C), masks (N, H, W), dtypes as for
+    :func:`refine_array`. Returns (N, H, W) float32 probabilities."""
+    masks = as_unit(masks, "masks", mask=True)
+    images = as_unit(images, "images")
+    if images.ndim == masks.ndim:
+        images = images[..., None]
+    if masks.ndim != 3 or images.shape[:-1] != masks.shape:
+        raise InputError(f"images shape {images.shape} and masks shape {masks.shape}: expected (N, H, W[, C]) and (N, H, W)")
+    images = match_channels(images, model.config.image_channels)
+    out = np.empty(masks.shape, dtype=np.float32)
+    for start in range(0, len(masks), batch):
+        rows = slice(start, start + batch)
+        out[rows] = refine_batch(model, images[rows], masks[rows], steps, [seed] * len(masks[rows]), tile, precision)
+    return out
 
 
 # -- files and folders ---------------------------------------------------------------------------

@@ -135,9 +135,10 @@ def test_large_batches_are_split_without_changing_results(model):
 def test_progress_adds_up_to_the_pixels(model, shape, tile, batch, calls):
     told = []
     image, mask = np.random.rand(*shape), (np.random.rand(*shape) > 0.5).astype(np.float32)
-    out = rf.refine_array(model, image, mask, steps=2, seed=3, batch=batch, tile=tile, progress=told.append)
+    axis = 2 if len(shape) == 3 else None
+    out = rf.refine_array(model, image, mask, steps=2, seed=3, axis=axis, batch=batch, tile=tile, progress=told.append)
     assert len(told) == calls and sum(told) == mask.size
-    np.testing.assert_array_equal(out, rf.refine_array(model, image, mask, steps=2, seed=3, batch=batch, tile=tile))
+    np.testing.assert_array_equal(out, rf.refine_array(model, image, mask, steps=2, seed=3, axis=axis, batch=batch, tile=tile))
 
 
 def test_run_jobs_reports_every_pixel_of_its_jobs(tmp_path, model, png_folders):
@@ -182,3 +183,39 @@ def test_out_without_suffix_says_what_is_expected_and_an_existing_folder_works(t
     jobs = rf.plan_single(images / "case0.png", masks / "case0.png", tmp_path / "newdir", options)
     rf.run_jobs(load_model(model_file), jobs, options)
     assert (tmp_path / "newdir" / "case0.png").exists()
+
+
+def test_refine_array_takes_uint8_and_bool_data_as_users_pass_it(model):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    mask = ring(16, 5, 2, gap=True)
+    expected = rf.refine_array(model, image / 255.0, mask.astype(np.float32), steps=3)
+    for given in (mask, mask.astype(np.uint8) * 255, mask.astype(np.uint8)):  # bool, 0/255, 0/1
+        np.testing.assert_array_equal(rf.refine_array(model, image, given, steps=3), expected)
+    sixteen = (image.astype(np.uint16) * 257)
+    np.testing.assert_allclose(rf.refine_array(model, sixteen, mask, steps=3), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("image, mask, message", [
+    (np.full((8, 8), np.nan), np.zeros((8, 8)), "image: holds NaN"),
+    (np.zeros((8, 8)), np.full((8, 8), np.inf), "mask: holds NaN or infinite"),
+    (np.full((8, 8), 255.0), np.zeros((8, 8)), r"image: values must lie in \[0, 1\] \(found 255..255\); pass uint8"),
+    (np.zeros((8, 8), np.int32) - 1, np.zeros((8, 8)), r"image: values must lie in \[0, 1\]"),
+    (np.zeros((8, 8), "U1"), np.zeros((8, 8)), "not a number type"),
+])
+def test_refine_array_refuses_data_out_of_range_with_its_name(model, image, mask, message):
+    with pytest.raises(InputError, match=message):
+        rf.refine_array(model, image, mask)
+
+
+def test_a_stack_of_2d_images_is_never_a_volume_by_accident(model):
+    rng = np.random.default_rng(1)
+    images = rng.random((3, 16, 16)).astype(np.float32)
+    masks = np.stack([ring(16, 5, 2, gap=True)] * 3)
+    with pytest.raises(InputError, match="pass axis= to refine a volume slice by slice, or refine_images"):
+        rf.refine_array(model, images, masks)
+    stacked = rf.refine_images(model, images, masks, steps=3, seed=4)
+    for k in range(3):
+        np.testing.assert_allclose(stacked[k], rf.refine_array(model, images[k], masks[k], steps=3, seed=4), atol=1e-5)
+    with pytest.raises(InputError, match=r"expected \(N, H, W\[, C\]\)"):
+        rf.refine_images(model, images[0], masks[0])
