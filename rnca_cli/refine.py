@@ -353,9 +353,14 @@ def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None,
             raise OutputError(f"{report}: is an input file; inputs are never overwritten")
         if report.exists() and not (overwrite or replace_report):
             raise OutputError(f"{report}: already exists; pass --overwrite to replace it")
+    claimed: dict[Path, Path] = {report.resolve(): report} if report is not None else {}
     for job in jobs:
         _check_inputs(job)
         for target in filter(None, (job.out, job.prob_out, job.uncertainty_out, *job.pictures.values())):
+            if target.resolve() in claimed:  # e.g. --save-overlay and --save-trajectory in one folder
+                raise OutputError(f"{target}: two outputs of this run would share this path "
+                                  f"(also {claimed[target.resolve()]}); give the output options different folders")
+            claimed[target.resolve()] = target
             if target.resolve() in inputs:
                 raise OutputError(f"{target}: is an input file; inputs are never overwritten")
             if target.exists() and not overwrite:

@@ -127,3 +127,16 @@ def test_folder_refines_killed_at_random_moments_leave_complete_files_and_resume
     subprocess.run([*command, "-o", str(out), "--skip-existing"], check=True)
     final = snapshot(out)
     assert {k: v for k, v in final.items() if k != "refine.csv"} == expected
+
+
+@pytest.mark.parametrize("options", [
+    ["--save-overlay", "{tmp}/pics", "--save-trajectory", "{tmp}/pics"],  # both write <case>.png
+    ["--ensemble", "2", "--save-uncertainty", "{tmp}/out"],  # the std maps would replace the masks
+    ["--report", "{tmp}/out/case0.png"],
+])
+def test_two_outputs_of_one_run_never_share_a_path(tmp_path, model_file, options):
+    images, masks = folders(tmp_path, 2)
+    args = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    result = rnca("refine", "-i", images, "-m", masks, "-o", tmp_path / "out", "--model", model_file, *args)
+    assert result.exit_code == 1 and "two outputs of this run would share this path" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pics").exists()
