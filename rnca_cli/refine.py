@@ -336,12 +336,15 @@ def _check_output_suffix(out: Path, mask: Path) -> None:
 
 
 def _check_inputs(job: Job) -> None:
-    """Refuse, from the file headers, a case whose image and mask disagree (shape, 2D or NIfTI)."""
+    """Refuse, from the file headers, a case whose image and mask disagree (shape, spacing, 2D or NIfTI)."""
     for image in job.images:
         if io.is_nifti(image) != io.is_nifti(job.mask):
             raise InputError(f"{job.mask}: mask and image {image} must both be 2D images or both NIfTI")
         if io.peek_shape(image) != job.shape:
             raise InputError(f"{job.mask}: mask shape {job.shape} differs from image {image} shape {io.peek_shape(image)}")
+        spacing, image_spacing = io.peek_spacing(job.mask), io.peek_spacing(image)
+        if spacing is not None and not np.allclose(spacing, image_spacing, rtol=1e-4, atol=0):
+            raise InputError(f"{job.mask}: mask spacing {spacing} differs from image {image} spacing {image_spacing}")
 
 
 def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None, replace_report: bool = False) -> None:

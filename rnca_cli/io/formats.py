@@ -98,6 +98,19 @@ def peek_shape(path: str | os.PathLike) -> tuple[int, ...]:
         raise InputError(f"{path}: cannot read file header ({exc})") from None
 
 
+def peek_spacing(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """Voxel spacing from a NIfTI header (its zooms; no voxel data read); None for 2D images."""
+    path = Path(path)
+    if not is_nifti(path):
+        return None
+    import nibabel as nib
+
+    try:
+        return tuple(float(z) for z in nib.load(str(path)).header.get_zooms()[:3])
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read file header ({exc})") from None
+
+
 # -- NIfTI (nibabel) ------------------------------------------------------------------------------
 
 
