@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import csv
 
 import numpy as np
@@ -420,3 +422,43 @@ def test_an_overwritten_run_keeps_no_pictures_of_the_old_one(tmp_path):
     tr.train(tr.load_dataset(*folders, plain), tmp_path / "run", plain, SMALL, overwrite=True)
     left = {p.name for p in (tmp_path / "run").iterdir()}
     assert not left & {"trajectory.png", "trajectory.gif", "best.pt", "final.csv"}
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_then_resume_end_like_the_uninterrupted_run(tmp_path):
+    """SIGKILL at random moments (in training, validation or a checkpoint write), each time resumed
+    from last.pt: the run ends with the weights of the same run uninterrupted. 5 kills in the
+    suite; ``RNCA_KILLS=20 pytest -m slow`` for the full check."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images, labels, _ = make_folders(tmp_path, n=4)
+    args = [sys.executable, "-m", "rnca_cli", "train", "--images", str(images), "--labels", str(labels),
+            "--perturb", "breaks:0.8,specks:0.5", "--iterations", "150", "--pool", "8", "--batch", "2", "--replace", "1",
+            "--steps", "4", "--patch", "32", "--save-every", "2", "--channels", "4", "--hidden", "8",
+            "--threads", "1", "--val-cases", "1", "--val-every", "10", "-q"]
+    subprocess.run([*args, "-o", str(tmp_path / "whole")], check=True, timeout=300)
+    run, last = tmp_path / "killed", tmp_path / "killed" / "last.pt"
+    kills = int(os.environ.get("RNCA_KILLS", "5"))
+    rng = np.random.default_rng(0)
+    interrupted = 0
+    for _kill in range(kills):
+        start = ["--resume", str(run)] if last.exists() else ["-o", str(run), "--overwrite"]
+        before = last.stat().st_mtime_ns if last.exists() else 0
+        process = subprocess.Popen([*args, *start], stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60  # past start-up (the first checkpoint of this process), then a random moment
+        while time.time() < deadline and process.poll() is None and (not last.exists() or last.stat().st_mtime_ns == before):
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 0.5)))
+        process.send_signal(signal.SIGKILL)
+        interrupted += process.wait() == -signal.SIGKILL
+        if last.exists():
+            load_checkpoint(last)  # never a half-written checkpoint
+    assert interrupted >= kills // 2
+    subprocess.run([*args, "--resume", str(run)], check=True, timeout=300)
+    a, _ = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b, provenance = load_checkpoint(last)
+    assert provenance["iterations"] == 150
+    assert_same_weights(a, b)
