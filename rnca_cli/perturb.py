@@ -397,8 +397,7 @@ def perturb_folder(
     files = io.list_files(labels)
     if not files:
         raise io.InputError(f"{labels}: no label files ({', '.join(io.SUPPORTED_SUFFIXES)})")
-    if out.resolve() == Path(labels).resolve():
-        raise io.OutputError(f"{out}: is the labels folder; choose another --out")
+    io.refuse_input_folders(out, [labels], "--out")
     plan = []
     for path in files:
         loaded = io.read_mask(path, label=label)

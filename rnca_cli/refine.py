@@ -283,8 +283,10 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
         raise InputError(f"{image_dir}: no image has a mask with the same case id in {mask_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
-    if out_dir.resolve() == mask_dir.resolve():
-        raise OutputError(f"{out_dir}: is the mask folder; inputs are never overwritten, choose another --out")
+    for folder, option in ((out_dir, "--out"), (options.save_overlay, "--save-overlay"),
+                           (options.save_trajectory, "--save-trajectory"), (options.save_uncertainty, "--save-uncertainty")):
+        if folder is not None:
+            io.refuse_input_folders(folder, (image_dir, mask_dir), option)
     plan = FolderPlan([], pairing)
     for case in pairing.cases[options.part_id :: options.num_parts]:  # parts of a job array, nnU-Net's way
         name = case.case_id + io.output_suffix(case.mask)

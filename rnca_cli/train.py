@@ -757,6 +757,7 @@ def train_files(
 
     from .device import resolve_device
 
+    io.refuse_input_folders(out, (images, labels, states, val_images, val_labels, val_states), "--out")
     torch_device = resolve_device(device)
     check_memory(config, model_config)
     ranks = ranks_from_environment(torch_device)

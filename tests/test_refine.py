@@ -93,8 +93,13 @@ def test_outputs_are_checked_before_any_work(tmp_path, png_folders):
     with pytest.raises(OutputError, match="case2.png: already exists"):
         rf.plan_folder(images, masks, tmp_path / "out", rf.RefineOptions())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case2.png"]
-    with pytest.raises(OutputError, match="is the mask folder"):
+    with pytest.raises(OutputError, match="is the input folder .*masks; inputs are never written to, choose another --out"):
         rf.plan_folder(images, masks, masks, rf.RefineOptions(overwrite=True))
+    for inside in (masks / "refined", images / "sub" / "deeper"):
+        with pytest.raises(OutputError, match="is inside the input folder"):
+            rf.plan_folder(images, masks, inside, rf.RefineOptions())
+    with pytest.raises(OutputError, match="choose another --save-overlay"):
+        rf.plan_folder(images, masks, tmp_path / "o2", rf.RefineOptions(save_overlay=images))
     with pytest.raises(OutputError, match="is an input file"):
         rf.plan_single(images / "case0.png", masks / "case0.png", masks / "case0.png", rf.RefineOptions(overwrite=True))
 

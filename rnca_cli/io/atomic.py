@@ -121,6 +121,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def refuse_input_folders(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], option: str) -> None:
+    """Refuse an output folder that is one of the input folders or lies inside one: no command
+    writes into its inputs. ``option`` names the output option in the message."""
+    target = Path(output).resolve()
+    for folder in filter(None, inputs):
+        folder = Path(folder)
+        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+            raise OutputError(f"{output}: is {'inside ' if target != folder.resolve() else ''}the input folder "
+                              f"{folder}; inputs are never written to, choose another {option}")
+
+
 def make_folder(path: str | os.PathLike) -> Path:
     """Create an output folder and its parents if missing; an :class:`OutputError` naming it if
     that fails (a file in the way, no permission)."""
