@@ -144,3 +144,27 @@ def test_two_outputs_of_one_run_never_share_a_path(tmp_path, model_file, options
     result = rnca("refine", "-i", images, "-m", masks, "-o", tmp_path / "out", "--model", model_file, *args)
     assert result.exit_code == 1 and "two outputs of this run would share this path" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "pics").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_folder_never_interleave(tmp_path, model_file):
+    """Two folder refines into one --out at once: one writes every file, the other is refused with
+    one line; the files are the winner's (compared with a run of the same settings alone)."""
+    images, masks = folders(tmp_path, 6)
+    base = [sys.executable, "-m", "rnca_cli", "refine", "-i", str(images), "-m", str(masks), "--model", str(model_file),
+            "--steps", "30", "--batch", "1", "--save-prob", "-q", "--threads", "1"]
+    runs = [subprocess.Popen([*base, "--seed", str(seed), "-o", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+            for seed in (1, 2)]
+    errors = [run.communicate()[1] for run in runs]
+    results = [(run.returncode, err) for run, err in zip(runs, errors)]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    winner = [seed for seed, (code, _) in zip((1, 2), results) if code == 0][0]
+    loser_message = [err for code, err in results if code == 1][0]
+    assert "is writing here" in loser_message or "already exists" in loser_message
+    assert len(loser_message.strip().splitlines()) == 1
+    alone = tmp_path / "alone"
+    subprocess.run([*base, "--seed", str(winner), "-o", str(alone)], check=True)
+    drop = ("refine.csv",)
+    assert {k: v for k, v in snapshot(tmp_path / "out").items() if k not in drop} == \
+        {k: v for k, v in snapshot(alone).items() if k not in drop}

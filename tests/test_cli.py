@@ -420,3 +420,11 @@ def test_train_refuses_a_pool_that_cannot_fit_before_reading_data(tmp_path):
                   "--patch", 100000)
     assert result.exit_code == 2 and "--patch 100000 with --pool 256: the pool alone would need" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_an_output_path_with_brackets_is_written_and_shown_as_given(tmp_path, png_folders, model_file):
+    images, masks = png_folders
+    out = tmp_path / "o[/bold].png"
+    result = rnca("refine", "-i", images / "case0.png", "-m", masks / "case0.png", "-o", out, "--model", model_file,
+                  "--steps", 2)
+    assert result.exit_code == 0 and out.exists() and f"wrote {out}" in result.output.replace("\n", "")
