@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from rnca_cli import io, load_model, pictures
+from rnca_cli import available_models, io, load_model, pictures
 from rnca_cli.evaluate import EvalOptions, evaluate_paths
 from rnca_cli.guard import remove_small
 from rnca_cli.options import RefineOptions
@@ -278,6 +278,8 @@ def main() -> None:
         missing = [p for p in (*TASKS[name].test[:3], *TASKS[name].tune[:3]) if not p.is_dir()]
         if missing:
             print(f"{name}: skipped, missing {missing[0]} (see the module docstring)")
+        elif models[name] not in available_models() and not Path(models[name]).is_file():
+            print(f"{name}: skipped, no model {models[name]!r} (shipped: {', '.join(available_models())}; or --model {name}=PATH)")
         else:
             present[name] = TASKS[name]
     if args.pictures:

@@ -279,7 +279,7 @@ def refine(
     save_uncertainty: Annotated[Optional[Path], typer.Option(help="Folder: per case, the per-pixel standard deviation of the runs (needs --ensemble 2+).")] = None,
     min_size: Annotated[Optional[int], typer.Option(help="Remove mask components under this many pixels (default: the model's own, see models/README.md).")] = None,
     guard: Annotated[bool, typer.Option("--guard/--no-guard", help="Keep the input mask of a case whose refinement looks unreliable.")] = R.guard,
-    guard_change: Annotated[Optional[float], typer.Option(help="Guard: largest foreground growth or shrinkage trusted, as a share of the input's (default: the model's, else 0.5).")] = None,
+    guard_change: Annotated[Optional[float], typer.Option(help="Guard: largest change trusted (pixels added plus removed), as a share of the input's foreground (default: the model's, else 0.5).")] = None,
     guard_agreement: Annotated[Optional[float], typer.Option(help="Guard: lowest Dice between seeded runs trusted (default: the model's, else 0.9).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Per-case CSV: guard decision, foreground change, agreement, uncertainty (folder mode default: <out>/refine.csv).")] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Folder mode: leave out cases whose output mask exists (finish an interrupted batch).")] = False,

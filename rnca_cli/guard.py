@@ -15,8 +15,10 @@ the input mask where the refinement looks unreliable:
 * **clean-up**: with ``min_size`` > 0, connected components (8-connected in 2D, 26 in 3D) of
   fewer pixels are removed from the mask; a model can store its own default (``rnca train
   --min-size``), and the probability map is left as the automaton wrote it.
-* **the guard**: a case is *kept* (its input mask written instead) when the foreground grew or
-  shrank by more than ``max_change`` of the input's, or when the seeded runs disagree: the lowest
+* **the guard**: a case is *kept* (its input mask written instead) when the refinement changed
+  more than ``max_change`` of the input's foreground (pixels added plus pixels removed, so that a
+  mask emptied in one place and grown in another does not pass as unchanged), or when the seeded
+  runs disagree: the lowest
   Dice between a run's mask and the result is below ``min_agreement``. The guard needs two runs at
   least; with ``--ensemble 1`` it runs a second one.
 * **limits per model**: how much a good refinement changes a mask depends on the task (a ring with
@@ -84,9 +86,9 @@ def limits_for(refine_defaults: dict, enabled: bool, max_change: float | None, m
 
 def calibrated_limits(verdicts: list["Verdict"]) -> dict[str, float]:
     """Limits that trust every one of a model's own validation cases with a margin: the change
-    limit is 1.5 x the largest change seen (at least the default), the agreement limit 0.05 below
+    limit is 1.5 x the largest changed share seen (at least the default), the agreement limit 0.05 below
     the lowest agreement seen (at most the default)."""
-    largest = max((abs(v.change) for v in verdicts), default=0.0)
+    largest = max((v.changed for v in verdicts), default=0.0)
     lowest = min((v.agreement for v in verdicts), default=1.0)
     return {"guard_change": max(DEFAULT_LIMITS.max_change, math.ceil(150 * largest) / 100),
             "guard_agreement": min(DEFAULT_LIMITS.min_agreement, max(0.0, math.floor(100 * lowest - 5) / 100))}
@@ -98,7 +100,8 @@ class Verdict:
 
     foreground_before: int
     foreground_refined: int
-    change: float  # (refined - before) / max(before, 1)
+    change: float  # net growth: (refined - before) / max(before, 1)
+    changed: float  # pixels added plus pixels removed / max(before, 1): what the guard limits
     agreement: float  # lowest Dice between a run's mask and the result; 1.0 with one run
     uncertainty: float  # mean per-pixel std of the runs over the foreground union; 0.0 with one run
     kept: str
@@ -127,11 +130,13 @@ def combine(probs: np.ndarray, coarse: np.ndarray, threshold: float, min_size: i
     uncertainty = float(std[union].mean()) if union.any() and len(probs) > 1 else 0.0
     n_before, n_after = int(before.sum()), int(refined.sum())
     change = (n_after - n_before) / max(n_before, 1)
+    changed = int((refined != before).sum()) / max(n_before, 1)
     kept = ""
     if limits.enabled:
-        if abs(change) > limits.max_change:
-            kept = f"foreground {'grew' if change > 0 else 'shrank'} by {abs(change):.0%} (limit {limits.max_change:.0%})"
+        if changed > limits.max_change:
+            kept = (f"changed {changed:.0%} of the foreground (limit {limits.max_change:.0%}; "
+                    f"it {'grew' if change >= 0 else 'shrank'} by {abs(change):.0%})")
         elif agreement < limits.min_agreement:
             kept = f"seeded runs disagree (Dice {agreement:.3f} < {limits.min_agreement:g})"
-    verdict = Verdict(n_before, n_after, change, agreement, uncertainty, kept)
+    verdict = Verdict(n_before, n_after, change, changed, agreement, uncertainty, kept)
     return mean, (before if kept else refined), std, verdict

@@ -232,14 +232,14 @@ class CaseResult:
         return self.verdict.foreground_before if self.verdict.kept else self.verdict.foreground_refined
 
 
-REPORT_COLUMNS = ["case", "status", "reason", "foreground_before", "foreground_refined", "change", "agreement",
-                  "uncertainty", "output"]
+REPORT_COLUMNS = ["case", "status", "reason", "foreground_before", "foreground_refined", "change", "changed",
+                  "agreement", "uncertainty", "output"]
 
 
 def report_rows(results: list[CaseResult]) -> list[list]:
     """The per-case report: one row per case, :data:`REPORT_COLUMNS`."""
     return [[r.case_id, "kept" if r.verdict.kept else "refined", r.verdict.kept, r.verdict.foreground_before,
-             r.verdict.foreground_refined, f"{r.verdict.change:.4f}", f"{r.verdict.agreement:.4f}",
+             r.verdict.foreground_refined, f"{r.verdict.change:.4f}", f"{r.verdict.changed:.4f}", f"{r.verdict.agreement:.4f}",
              f"{r.verdict.uncertainty:.4f}", str(r.out)] for r in results]
 
 

@@ -77,7 +77,7 @@ def test_growth_beyond_the_limit_keeps_the_input():
     coarse = ring(32, 9, 2).astype(np.float32)
     grown = np.ones((2, 32, 32), np.float32)  # the whole image claimed
     _, mask, _, verdict = G.combine(grown, coarse, 0.5, 0, LIMITS)
-    assert verdict.kept.startswith("foreground grew by")
+    assert verdict.kept.startswith("changed ") and "it grew by" in verdict.kept
     np.testing.assert_array_equal(mask, coarse >= 0.5)
     _, mask, _, verdict = G.combine(grown, coarse, 0.5, 0, G.GuardLimits(enabled=False))
     assert verdict.refined and mask.all()
@@ -86,7 +86,18 @@ def test_growth_beyond_the_limit_keeps_the_input():
 def test_shrinking_beyond_the_limit_keeps_the_input():
     coarse = ring(32, 9, 3).astype(np.float32)
     _, _, _, verdict = G.combine(np.zeros((2, 32, 32), np.float32), coarse, 0.5, 0, LIMITS)
-    assert verdict.kept.startswith("foreground shrank by 100%")
+    assert verdict.kept.startswith("changed 100% of the foreground") and "it shrank by 100%" in verdict.kept
+
+
+def test_a_mask_moved_elsewhere_is_kept_though_its_size_is_the_same():
+    """Net growth 0, but every pixel moved: the changed share (added + removed) catches it."""
+    coarse = np.zeros((32, 32), np.float32)
+    coarse[4:10, 4:10] = 1
+    moved = np.zeros((2, 32, 32), np.float32)
+    moved[:, 20:26, 20:26] = 1
+    _, mask, _, verdict = G.combine(moved, coarse, 0.5, 0, LIMITS)
+    assert verdict.change == 0 and verdict.changed == 2.0 and verdict.kept.startswith("changed 200%")
+    np.testing.assert_array_equal(mask, coarse >= 0.5)
 
 
 def test_runs_that_disagree_keep_the_input():
@@ -101,7 +112,7 @@ def test_runs_that_disagree_keep_the_input():
 
 
 def verdict(change: float, agreement: float) -> G.Verdict:
-    return G.Verdict(100, int(100 * (1 + change)), change, agreement, 0.0, "")
+    return G.Verdict(100, int(100 * (1 + change)), change, abs(change), agreement, 0.0, "")
 
 
 @pytest.mark.parametrize("verdicts, expected", [
@@ -149,7 +160,7 @@ def test_guard_keeps_out_of_domain_cases_and_refines_in_domain_ones(tmp_path):
         written = np.asarray(Image.open(out / f"{case}.png")) > 127
         given = np.asarray(Image.open(EXAMPLES / "rings/masks" / f"{case}.png")) >= 128
         np.testing.assert_array_equal(written, given)
-        assert row["reason"].startswith("foreground grew by") and float(row["change"]) > 1
+        assert row["reason"].startswith("changed ") and float(row["change"]) > 1 and float(row["changed"]) > 1
     unguarded = tmp_path / "unguarded"
     assert rnca("refine", "-i", EXAMPLES / "rings/images", "-m", EXAMPLES / "rings/masks", "-o", unguarded,
                 "--model", "fill", "--no-guard", "-q").exit_code == 0
