@@ -224,20 +224,26 @@ def test_perturb_refills_draw_fresh_coarse_masks(tmp_path):
         tr.load_dataset(images, labels, None, tr.TrainConfig(patch=32))
 
 
+def small_run_command(tmp_path, iterations: int, save_every: int, threads: int, val_every: int) -> list[str]:
+    """``rnca train`` of a tiny model on 4 small cases, as a subprocess command (the kill tests)."""
+    import sys
+
+    images, labels, _ = make_folders(tmp_path, n=4)
+    return [sys.executable, "-m", "rnca_cli", "train", "--images", str(images), "--labels", str(labels),
+            "--perturb", "breaks:0.8,specks:0.5", "--iterations", str(iterations), "--pool", "8", "--batch", "2",
+            "--replace", "1", "--steps", "4", "--patch", "32", "--save-every", str(save_every), "--channels", "4",
+            "--hidden", "8", "--threads", str(threads), "--val-cases", "1", "--val-every", str(val_every), "-q"]
+
+
 @pytest.mark.slow
 def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     """A training process killed with SIGKILL mid-run and resumed from its last.pt ends bit for bit
     where the same run uninterrupted ends (CPU, same thread count)."""
     import signal
     import subprocess
-    import sys
     import time
 
-    images, labels, _ = make_folders(tmp_path, n=4)
-    args = [sys.executable, "-m", "rnca_cli", "train", "--images", str(images), "--labels", str(labels),
-            "--perturb", "breaks:0.8,specks:0.5", "--iterations", "12", "--pool", "8", "--batch", "2", "--replace", "1",
-            "--steps", "4", "--patch", "32", "--save-every", "3", "--channels", "4", "--hidden", "8",
-            "--threads", "2", "--val-cases", "1", "--val-every", "4", "-q"]
+    args = small_run_command(tmp_path, iterations=12, save_every=3, threads=2, val_every=4)
     subprocess.run([*args, "-o", str(tmp_path / "whole")], check=True, timeout=300)
     killed = subprocess.Popen([*args, "-o", str(tmp_path / "killed")])
     last = tmp_path / "killed" / "last.pt"
@@ -431,14 +437,9 @@ def test_kills_at_random_moments_then_resume_end_like_the_uninterrupted_run(tmp_
     suite; ``RNCA_KILLS=20 pytest -m slow`` for the full check."""
     import signal
     import subprocess
-    import sys
     import time
 
-    images, labels, _ = make_folders(tmp_path, n=4)
-    args = [sys.executable, "-m", "rnca_cli", "train", "--images", str(images), "--labels", str(labels),
-            "--perturb", "breaks:0.8,specks:0.5", "--iterations", "150", "--pool", "8", "--batch", "2", "--replace", "1",
-            "--steps", "4", "--patch", "32", "--save-every", "2", "--channels", "4", "--hidden", "8",
-            "--threads", "1", "--val-cases", "1", "--val-every", "10", "-q"]
+    args = small_run_command(tmp_path, iterations=150, save_every=2, threads=1, val_every=10)
     subprocess.run([*args, "-o", str(tmp_path / "whole")], check=True, timeout=300)
     run, last = tmp_path / "killed", tmp_path / "killed" / "last.pt"
     kills = int(os.environ.get("RNCA_KILLS", "5"))
