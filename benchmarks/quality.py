@@ -47,6 +47,7 @@ from scipy import ndimage
 from rnca_cli import available_models, io, load_model, pictures
 from rnca_cli.evaluate import EvalOptions, evaluate_paths
 from rnca_cli.guard import remove_small
+from rnca_cli.metrics import dice
 from rnca_cli.options import RefineOptions
 from rnca_cli.perturb import ball
 from rnca_cli.refine import refine_files
@@ -217,7 +218,7 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
 
 def draw(name, cases, coarse, truth, classical_dir, rnca_dir, classical_label, rows, select, folder: Path) -> None:
     """Typical cases (the median of rnca's Dice gain and its neighbours) and the worst one."""
-    gain = {r["case"]: float(r["dice"]) - dice_of(coarse[r["case"]], truth[r["case"]]) for r in rows}
+    gain = {r["case"]: float(r["dice"]) - dice(coarse[r["case"]], truth[r["case"]]) for r in rows}
     order = sorted(gain, key=gain.get)
     middle = len(order) // 2
     worst = min(rows, key=lambda r: (-float(r["betti_err"]), float(r["dice"])))["case"]
@@ -231,11 +232,6 @@ def draw(name, cases, coarse, truth, classical_dir, rnca_dir, classical_label, r
                                 "rnca": io.read_mask(rnca_dir / f"{cid}.png").data >= 0.5}})
     scale = max(1, 192 // max(truth[chosen[0]].shape))
     pictures.comparison_sheet(sheet, folder / f"{name}.png", scale)
-
-
-def dice_of(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
 
 
 def guard_matrix(tasks: dict[str, Task], models: dict[str, str], work: Path) -> dict:

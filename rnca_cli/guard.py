@@ -57,7 +57,8 @@ def remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
+    """Dice of two boolean masks of any shape; 1.0 when both are empty (metrics.dice's convention,
+    without its 2D/3D check, since runs are compared pixel for pixel)."""
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
@@ -123,8 +124,8 @@ def combine(probs: np.ndarray, coarse: np.ndarray, threshold: float, min_size: i
     mean = probs[:ensemble].mean(0) if ensemble > 1 else probs[0]
     std = probs.std(0) if len(probs) > 1 else np.zeros_like(probs[0])
     before = coarse >= threshold
-    refined = remove_small(mean >= threshold, min_size)
     runs = [remove_small(p >= threshold, min_size) for p in probs]
+    refined = runs[0] if ensemble == 1 else remove_small(mean >= threshold, min_size)
     agreement = min(dice(r, refined) for r in runs) if len(probs) > 1 else 1.0
     union = before | (probs >= threshold).any(0)
     uncertainty = float(std[union].mean()) if union.any() and len(probs) > 1 else 0.0

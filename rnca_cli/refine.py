@@ -255,6 +255,7 @@ def plan_single(image: Path, mask: Path, out: Path | None, options: RefineOption
     prob = out.with_name(f"{io.case_id(out)}_prob{io.suffix_of(out)}") if options.save_prob else None
     spread = options.save_uncertainty / f"{cid}{io.output_suffix(mask)}" if options.save_uncertainty else None
     jobs = [Job(cid, [image], mask, out, prob, io.peek_shape(mask), _picture_paths(cid, options), spread)]
+    _check_inputs(jobs[0])
     _check_outputs(jobs, options.overwrite, options.report)
     return jobs
 
@@ -306,7 +307,7 @@ def plan_folder(image_dir: Path, mask_dir: Path, out_dir: Path, options: RefineO
             continue
         plan.jobs.append(job)
     # a case left unfinished by a killed run may have its other outputs: those are replaced
-    _check_outputs(plan.jobs, options.overwrite or options.skip_existing, options.report, options.skip_existing)
+    _check_outputs(plan.jobs, options.overwrite or options.skip_existing, options.report)
     return plan
 
 
@@ -349,18 +350,17 @@ def _check_inputs(job: Job) -> None:
             raise InputError(f"{job.mask}: mask spacing {spacing} differs from image {image} spacing {image_spacing}")
 
 
-def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None, replace_report: bool = False) -> None:
-    """Refuse before any work: unreadable inputs or shapes that disagree (from file headers),
-    existing outputs without overwrite, outputs that are inputs."""
+def _check_outputs(jobs: list[Job], overwrite: bool, report: Path | None = None) -> None:
+    """Refuse before any work: existing outputs without overwrite, outputs that are inputs, two
+    outputs on one path (the inputs' headers are :func:`_check_inputs`' part)."""
     inputs = {p.resolve() for job in jobs for p in (*job.images, job.mask)}
     if report is not None:
         if report.resolve() in inputs:
             raise OutputError(f"{report}: is an input file; inputs are never overwritten")
-        if report.exists() and not (overwrite or replace_report):
+        if report.exists() and not overwrite:
             raise OutputError(f"{report}: already exists; pass --overwrite to replace it")
     claimed: dict[Path, Path] = {report.resolve(): report} if report is not None else {}
     for job in jobs:
-        _check_inputs(job)
         for target in filter(None, (job.out, job.prob_out, job.uncertainty_out, *job.pictures.values())):
             if target.resolve() in claimed:  # e.g. --save-overlay and --save-trajectory in one folder
                 raise OutputError(f"{target}: two outputs of this run would share this path "
@@ -464,9 +464,9 @@ def run_jobs(
     results: list[CaseResult] = []
     pending: list[tuple[Job, io.Loaded, np.ndarray]] = []
     runs = options.runs
-    min_size = options.min_size if options.min_size is not None else model_min_size(model)
-    limits = guard.limits_for(getattr(model, "refine_defaults", {}), options.guard, options.guard_change,
-                              options.guard_agreement)
+    defaults = getattr(model, "refine_defaults", {})  # what the checkpoint carries (rnca train --min-size)
+    min_size = options.min_size if options.min_size is not None else int(defaults.get("min_size", 0))
+    limits = guard.limits_for(defaults, options.guard, options.guard_change, options.guard_agreement)
 
     def finish(job: Job, mask: io.Loaded, probs: np.ndarray, image: np.ndarray) -> None:
         judged = _judge(mask, probs, options, min_size, limits)
@@ -512,11 +512,6 @@ def run_jobs(
             flush()
     flush()
     return results
-
-
-def model_min_size(model: RNCA) -> int:
-    """The clean-up a model carries (``rnca train --min-size``): components under this many pixels go."""
-    return int(getattr(model, "refine_defaults", {}).get("min_size", 0))
 
 
 @dataclass
