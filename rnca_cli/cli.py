@@ -160,6 +160,7 @@ def train(
     perturb_share: Annotated[Optional[float], typer.Option(help="Share of refills corrupted afresh (default 1 without --states, 0.5 with).", show_default=False)] = None,
     loss: Annotated[str, typer.Option(help="Objective: mse, bce, dice, cldice joined by +, each with an optional :weight.")] = T.loss,
     far_weight: Annotated[float, typer.Option(help="Extra weight of pixel errors more than 3 px from the ground truth (stray fragments).")] = T.far_weight,
+    miss_weight: Annotated[float, typer.Option(help="Extra weight of pixel errors where the coarse mask missed ground truth (gaps).")] = T.miss_weight,
     ema: Annotated[float, typer.Option(help="Validate and keep best.pt with an EMA of the weights of this decay, e.g. 0.99 (0: off).")] = T.ema,
     iterations: Annotated[int, typer.Option(help="Training iterations.")] = T.iterations,
     time_budget: Annotated[Optional[str], typer.Option(help="Stop cleanly and save after this long, e.g. 45m, 2h, 90s.")] = None,
@@ -211,7 +212,7 @@ def train(
         iterations=iterations, time_budget=parse_duration(time_budget) if time_budget else None, pool=pool,
         batch=batch, replace=replace, steps=steps, min_step=min_step, lr=lr, schedule=schedule, warmup=warmup,
         clip=clip, patch=patch, overlap=overlap, perturb=perturb, perturb_share=perturb_share, loss=loss,
-        far_weight=far_weight, ema=ema, min_size=min_size, val_cases=val_cases,
+        far_weight=far_weight, miss_weight=miss_weight, ema=ema, min_size=min_size, val_cases=val_cases,
         val_fraction=val_fraction, val_every=val_every, select=select, save_every=save_every, axis=axis, seed=seed,
     )
     given = {"channels": channels, "hidden": hidden, "fire_rate": fire_rate}

@@ -100,7 +100,7 @@ class TrainConfig:
     then corrupts the sample's ground truth afresh, with probability ``perturb_share`` (default 1
     without stored coarse masks, 0.5 with them). ``schedule``: the learning rate is constant, or
     follows a cosine from ``lr`` to 0 over ``iterations``; either after ``warmup`` linear steps.
-    ``loss``, ``far_weight``: the objective (:mod:`rnca_cli.losses`); the default adds a soft clDice
+    ``loss``, ``far_weight``, ``miss_weight``: the objective (:mod:`rnca_cli.losses`); the default adds a soft clDice
     term to the paper's MSE, which repaired more held-out rings on both seeds measured. ``ema``: validate and keep
     ``best.pt`` with an exponential moving average of the weights of this decay (0: off).
     ``min_size``: the model's clean-up, components under this many pixels removed after
@@ -128,6 +128,7 @@ class TrainConfig:
     perturb_share: float | None = None
     loss: str = "mse+cldice:0.5"  # the paper's is "mse"; benchmarks/TRAINING.md has the measurements
     far_weight: float = 0.0
+    miss_weight: float = 0.0
     ema: float = 0.0
     min_size: int = 0  # clean-up stored in the checkpoints and applied in validation (rnca_cli.guard)
     val_cases: int = 0
@@ -157,6 +158,7 @@ class TrainConfig:
             (self.perturb_share is None or 0 <= self.perturb_share <= 1, "perturb-share must be in [0, 1]"),
             (self.perturb_share is None or self.perturb is not None, "perturb-share needs a --perturb recipe"),
             (self.far_weight >= 0, "far-weight must be >= 0"),
+            (self.miss_weight >= 0, "miss-weight must be >= 0"),
             (0 <= self.ema < 1, "ema must be in [0, 1) (0: off)"),
             (self.min_size >= 0, "min-size must be >= 0 pixels"),
             (self.val_cases >= 0, "val-cases must be >= 0"),

@@ -52,7 +52,7 @@ from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
 from .errors import InputError, OutputError, TrainingError, UsageError
 from .inference import trajectory
-from .losses import far_from, sample_losses
+from .losses import far_from, pixel_weights, sample_losses
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig, parse_loss
 from .perturb import apply_recipe, parse_recipe
@@ -327,14 +327,17 @@ class Corruption:
 
 
 class Pool:
-    """``size`` evolving states, each remembering which patch it belongs to."""
+    """``size`` evolving states, each remembering which patch it belongs to and the coarse mask it
+    started from (``start``, bool: what ``miss_weight`` counts as the sample's gaps)."""
 
     def __init__(self, model: RNCA, patches: PatchSet, size: int, gen: torch.Generator,
                  corrupt: Corruption | None = None):
         self.patches, self.corrupt = patches, corrupt
         self.which = torch.randint(len(patches), (size,), generator=gen, device=gen.device)  # (P,)
+        coarse = self.coarse(self.which)
+        self.start = coarse >= 0.5  # (P, H, W)
         with torch.no_grad():
-            self.states = model.initial_state(self.coarse(self.which)).contiguous()  # (P, K, H, W)
+            self.states = model.initial_state(coarse).contiguous()  # (P, K, H, W)
 
     def coarse(self, which: torch.Tensor) -> torch.Tensor:
         """Coarse masks (n, P, P) for the windows ``which``: stored, or freshly corrupted."""
@@ -347,8 +350,10 @@ class Pool:
         """Start ``slots`` over from fresh coarse masks of random patches."""
         new = torch.randint(len(self.patches), (len(slots),), generator=gen, device=gen.device)
         self.which[slots] = new
+        coarse = self.coarse(new)
+        self.start[slots] = coarse >= 0.5
         with torch.no_grad():
-            self.states[slots] = model.initial_state(self.coarse(new))
+            self.states[slots] = model.initial_state(coarse)
 
 
 # -- data parallel ---------------------------------------------------------------------------------
@@ -425,12 +430,11 @@ def ranks_from_environment(device: torch.device) -> Ranks:
 
 def unroll(
     model: RNCA, engine: Engine, state: torch.Tensor, image: torch.Tensor, target: torch.Tensor, noise: FireNoise,
-    t_star: torch.Tensor, terms: list[tuple[str, float]] = (("mse", 1.0),), far: torch.Tensor | None = None,
-    far_weight: float = 0.0,
+    t_star: torch.Tensor, terms: list[tuple[str, float]] = (("mse", 1.0),), weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unroll each sample to its own loss step; returns (sum over samples of the loss of the visible
     channel at t* against ``target``: ``terms`` of :func:`rnca_cli.losses.sample_losses`, the
-    paper's MSE by default; the detached states at t*).
+    paper's MSE by default, ``weight`` (B, P, P) on its pixel terms; the detached states at t*).
 
     state (B, K, P, P) channels_last, image (B, C, P, P), target (B, P, P), t_star (B,) in 1..
     Samples are independent (per-sample convolutions and update masks), so one whose t* has passed
@@ -447,8 +451,7 @@ def unroll(
         if not bool(hit.any()):
             continue
         done = left[hit]
-        loss = loss + sample_losses(terms, state[hit, 0], target[done], None if far is None else far[done],
-                                    far_weight).sum()
+        loss = loss + sample_losses(terms, state[hit, 0], target[done], None if weight is None else weight[done]).sum()
         at_t_star[left[hit]] = state[hit].detach()
         go_on = ~hit
         if bool(go_on.any()):
@@ -471,8 +474,8 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
-    loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star, parse_loss(cfg.loss),
-                             pool.patches.far[which], cfg.far_weight)
+    weight = pixel_weights(pool.patches.far[which], cfg.far_weight, (target > 0.5) & ~pool.start[slots], cfg.miss_weight)
+    loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star, parse_loss(cfg.loss), weight)
     loss = loss / cfg.batch
 
     opt.zero_grad(set_to_none=True)
@@ -623,6 +626,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         pool.which.copy_(state["pool_which"])
         pool.states.copy_(state["pool_states"])
+        # Runs saved before the pool kept its starting masks: their stored coarse masks stand in.
+        pool.start.copy_(state["pool_start"] if "pool_start" in state else pool.patches.coarse[pool.which] >= 0.5)
         index_gen.set_state(state["generators"]["index"])
         step_gen.set_state(state["generators"]["step"])
         if corrupt is not None:
@@ -642,7 +647,7 @@ def train(
 
     def save_last(it: int, elapsed: float) -> None:
         training = {"iteration": it, "optimizer": opt.state_dict(), "pool_which": pool.which.cpu(),
-                    "pool_states": pool.states.cpu(), "best": best,
+                    "pool_states": pool.states.cpu(), "pool_start": pool.start.cpu(), "best": best,
                     "generators": {"index": index_gen.get_state(), "step": step_gen.get_state()}}
         if corrupt is not None:
             training["corruption_rng"] = corrupt.rng.bit_generator.state

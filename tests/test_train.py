@@ -405,7 +405,8 @@ def test_resume_restores_ema_optimizer_and_pool_exactly(tmp_path):
     """Four iterations at once, or two and two more with --resume: the same weights and EMA."""
     folders = make_folders(tmp_path, n=4)
     options = dict(pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, lr=3e-3, ema=0.9, val_cases=1,
-                   val_every=2, loss="mse+dice", far_weight=2.0, perturb="specks:1.0", perturb_share=0.5)
+                   val_every=2, loss="mse+dice", far_weight=2.0, miss_weight=5.0, perturb="specks:1.0",
+                   perturb_share=0.5)
     whole = tr.TrainConfig(iterations=4, **options)
     data = tr.load_dataset(*folders, whole)
     a, _ = tr.train(data, tmp_path / "whole", whole, SMALL)
@@ -416,6 +417,22 @@ def test_resume_restores_ema_optimizer_and_pool_exactly(tmp_path):
     ema_b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["training"]["ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert not all(torch.equal(ema_a[k], a.state_dict()[k]) for k in ema_a)  # the average lags the weights
+
+
+def test_a_run_saved_before_the_pool_kept_its_starting_masks_resumes(tmp_path):
+    """last.pt files written before --miss-weight existed hold no pool_start; such runs resume."""
+    folders = make_folders(tmp_path, n=4)
+    options = dict(pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, lr=3e-3, val_cases=1, val_every=2)
+    whole = tr.TrainConfig(iterations=4, **options)
+    data = tr.load_dataset(*folders, whole)
+    a, _ = tr.train(data, tmp_path / "whole", whole, SMALL)
+    tr.train(data, tmp_path / "split", tr.TrainConfig(iterations=2, **options), SMALL)
+    last = tmp_path / "split" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    del payload["training"]["pool_start"]
+    torch.save(payload, last)
+    b, _ = tr.train(data, tmp_path / "split", whole, SMALL, resume=True)
+    assert_same_weights(a, b)
 
 
 def test_an_overwritten_run_keeps_no_pictures_of_the_old_one(tmp_path):
