@@ -52,7 +52,7 @@ from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
 from .errors import InputError, OutputError, TrainingError, UsageError
 from .inference import trajectory
-from .losses import far_from, pixel_weights, sample_losses
+from .losses import far_from, gaps, pixel_weights, sample_losses
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig, parse_loss
 from .perturb import apply_recipe, parse_recipe
@@ -474,7 +474,7 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
-    weight = pixel_weights(pool.patches.far[which], cfg.far_weight, (target > 0.5) & ~pool.start[slots], cfg.miss_weight)
+    weight = pixel_weights(pool.patches.far[which], cfg.far_weight, gaps(target > 0.5, pool.start[slots]), cfg.miss_weight)
     loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star, parse_loss(cfg.loss), weight)
     loss = loss / cfg.batch
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnca_cli.losses import FAR, far_from, pixel_weights, sample_losses
+from rnca_cli.losses import FAR, far_from, gaps, pixel_weights, sample_losses
 from rnca_cli.options import parse_loss
 
 RING = torch.zeros(1, 16, 16)
@@ -50,6 +50,22 @@ def test_pixel_weights_of_far_and_missed_pixels(far_weight, miss_weight, expecte
     missed = torch.tensor([[False, True, False]])
     weight = pixel_weights(far, far_weight, missed, miss_weight)
     assert weight is None if expected is None else torch.equal(weight, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_gaps_are_missed_pixels_away_from_the_coarse_mask_and_their_neighbours_not_thin_walls():
+    target = torch.zeros(1, 5, 12, dtype=torch.bool)
+    target[0, 1:4, :] = True  # a bar 3 px thick ...
+    coarse = target.clone()
+    coarse[0, 1:4, 4:9] = False  # ... broken over 5 columns
+    coarse[0, 1, 9:] = False  # and drawn a pixel too thin on its right: a wall, not a gap
+    expected = torch.zeros_like(target)
+    expected[0, 1:4, 4:9] = True  # the break: columns 5-7 are far from the mask, 4 and 8 their neighbours
+    assert torch.equal(gaps(target, coarse), expected)
+    assert not gaps(target, target).any()
+    assert torch.equal(gaps(target, torch.zeros_like(target)), target)  # nothing drawn: all of it is missed
+    short = target.clone()
+    short[0, 1:4, 5:7] = False  # a 2-column break: every pixel is beside the mask
+    assert not gaps(target, short).any()
 
 
 def test_miss_weight_makes_a_gap_cost_more_than_a_wall_pixel():
