@@ -160,7 +160,7 @@ def train(
     perturb_share: Annotated[Optional[float], typer.Option(help="Share of refills corrupted afresh (default 1 without --states, 0.5 with).", show_default=False)] = None,
     loss: Annotated[str, typer.Option(help="Objective: mse, bce, dice, cldice joined by +, each with an optional :weight.")] = T.loss,
     far_weight: Annotated[float, typer.Option(help="Extra weight of pixel errors more than 3 px from the ground truth (stray fragments).")] = T.far_weight,
-    miss_weight: Annotated[float, typer.Option(help="Extra weight of pixel errors in the coarse mask's gaps (ground truth more than 1 px from it).")] = T.miss_weight,
+    miss_weight: Annotated[float, typer.Option(help="Extra weight of pixel errors in the coarse mask's gaps (missed ground truth away from its walls).")] = T.miss_weight,
     ema: Annotated[float, typer.Option(help="Validate and keep best.pt with an EMA of the weights of this decay, e.g. 0.99 (0: off).")] = T.ema,
     iterations: Annotated[int, typer.Option(help="Training iterations.")] = T.iterations,
     time_budget: Annotated[Optional[str], typer.Option(help="Stop cleanly and save after this long, e.g. 45m, 2h, 90s.")] = None,

@@ -19,8 +19,8 @@ Two pixel weights (:func:`pixel_weights`) multiply the ``mse`` and ``bce`` terms
 * ``miss_weight`` W: the sample's gaps (:func:`gaps`: missed ground-truth pixels more than one
   pixel from its coarse mask, and their missed neighbours) weigh 1 + W. On thin structures a gap
   is a few pixels among thousands of background pixels beside the vessel walls, which look alike
-  to a 3x3 rule, so without it the objective favours the identity. A wall the coarse mask drew a pixel too thin is left out:
-  weighting it taught a DRIVE refiner to thicken every vessel.
+  to a 3x3 rule, so without it the objective favours the identity. A wall the coarse mask drew a
+  pixel too thin is left out: weighting it taught a DRIVE refiner to thicken every vessel.
 """
 
 from __future__ import annotations
@@ -68,12 +68,15 @@ def gaps(target: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     return missed & dilate(missed & ~dilate(coarse))
 
 
-def pixel_weights(far: torch.Tensor, far_weight: float, missed: torch.Tensor, miss_weight: float) -> torch.Tensor | None:
+def pixel_weights(far: torch.Tensor, far_weight: float, missed: torch.Tensor | None,
+                  miss_weight: float) -> torch.Tensor | None:
     """(n, P, P) weights of the pixel terms (module docstring) from the ``far`` pixels and the
-    ``missed`` ones (:func:`gaps`), both (n, P, P) bool; None when both weights are 0."""
+    ``missed`` ones (:func:`gaps`), both (n, P, P) bool; ``missed`` is only read when
+    ``miss_weight`` is not 0. None when both weights are 0."""
     if far_weight == 0 and miss_weight == 0:
         return None
-    return 1.0 + far_weight * far.float() + miss_weight * missed.float()
+    weight = 1.0 + far_weight * far.float()
+    return weight + miss_weight * missed.float() if miss_weight else weight
 
 
 def sample_losses(terms: list[tuple[str, float]], pred: torch.Tensor, target: torch.Tensor,

@@ -474,7 +474,8 @@ def train_step(
     t_star = torch.randint(cfg.min_step, cfg.steps + 1, (cfg.batch,), generator=index_gen, device=index_gen.device)
 
     noise = FireNoise(draw_seeds(cfg.batch, image.device, step_gen), tuple(image.shape[-2:]))
-    weight = pixel_weights(pool.patches.far[which], cfg.far_weight, gaps(target > 0.5, pool.start[slots]), cfg.miss_weight)
+    missed = gaps(target > 0.5, pool.start[slots]) if cfg.miss_weight else None  # not computed when unused
+    weight = pixel_weights(pool.patches.far[which], cfg.far_weight, missed, cfg.miss_weight)
     loss, at_t_star = unroll(model, engine, state, image, target, noise, t_star, parse_loss(cfg.loss), weight)
     loss = loss / cfg.batch
 
