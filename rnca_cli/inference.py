@@ -19,6 +19,7 @@ from .device import float32_convolutions
 from .engines import Engine, precision_dtype, select_engine
 from .model import RNCA
 from .options import RefineOptions
+from .preprocess import normalise
 
 DEFAULT_TILE = RefineOptions.tile
 
@@ -49,10 +50,12 @@ def rollout(
 
 @torch.no_grad()
 def trajectory(model: RNCA, image: np.ndarray, mask: np.ndarray, steps: int, seed: int) -> np.ndarray:
-    """The refined probability after each step of one 2D case (image (H, W, C), mask (H, W)):
-    (steps, H, W) float32, for pictures. From the reference rule, which records every step (the
-    engines keep only the last), so it equals the engines' steps to float rounding."""
+    """The refined probability after each step of one 2D case (image (H, W, C) as read, normalised
+    here as the model's config says; mask (H, W)): (steps, H, W) float32, for pictures. From the
+    reference rule, which records every step (the engines keep only the last), so it equals the
+    engines' steps to float rounding."""
     device = next(model.parameters()).device
+    image = normalise(image, model.config.image_norm)
     img = torch.from_numpy(np.ascontiguousarray(image, np.float32)).permute(2, 0, 1)[None].to(device)
     msk = torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None].to(device)
     history = model.rollout(img, msk, steps, seeds=torch.tensor([seed], device=device), record=True)[1]
@@ -73,7 +76,8 @@ def refine_image(
     model: RNCA, image: np.ndarray, mask: np.ndarray, steps: int, seed: int, tile: int = DEFAULT_TILE,
     precision: str = "fp32", progress: Callable[[int], None] | None = None, engine: Engine | str | None = None,
 ) -> np.ndarray:
-    """Refine one 2D case (image (H, W, C), mask (H, W)) tile by tile; returns (H, W) float32.
+    """Refine one 2D case (image (H, W, C) as the model sees it, already normalised by
+    :func:`rnca_cli.refine.refine_batch`; mask (H, W)) tile by tile; returns (H, W) float32.
 
     The result equals the untiled rollout (module docstring); ``tile`` bounds memory. ``progress``,
     if given, is called after each tile with the number of its pixels now refined (its core).

@@ -59,6 +59,9 @@ class ModelConfig:
             [visible_floor, 1] (the reference code clips to [0.1, 1], which makes every cell
             alive at the start so the automaton can grow anywhere and learn to prune).
         image_channels: channels of the conditioning image (1 gray, 3 RGB).
+        image_norm: sigma in pixels of the local contrast normalisation every image gets before
+            the model sees it (:func:`rnca_cli.preprocess.normalise`); 0: the image as it is
+            (the paper's setting, and that of checkpoints saved before this field existed).
     """
 
     channels: int = 16
@@ -68,6 +71,7 @@ class ModelConfig:
     alive_threshold: float = 0.1
     visible_floor: float = 0.1
     image_channels: int = 1
+    image_norm: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +82,7 @@ class ModelConfig:
             (0.0 <= self.alive_threshold <= 1.0, "alive_threshold must be in [0, 1]"),
             (0.0 <= self.visible_floor <= 1.0, "visible_floor must be in [0, 1]"),
             (self.image_channels >= 1, "image_channels must be >= 1"),
+            (self.image_norm >= 0, "image_norm must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

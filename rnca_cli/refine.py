@@ -8,9 +8,9 @@ Decisions a user can rely on (also in the README):
   in any batch size, and tiled or not.
 * **Bounded memory.** Images larger than ``tile`` pixels on a side are refined tile by tile with an
   exact halo (:mod:`rnca_cli.inference`).
-* **Image channels.** A model trained on gray images given an RGB image uses its luminance
-  (0.299 R + 0.587 G + 0.114 B); a model trained on RGB given a gray image sees the gray value in
-  all three channels. Other mismatches are refused.
+* **What the model sees.** The image is adapted to the model's channel count (gray <-> RGB) and,
+  for a model trained with ``--image-norm``, contrast-normalised per 2D image before tiling
+  (:mod:`rnca_cli.preprocess`).
 * **3D.** A NIfTI volume is refined slice by slice along ``axis`` (default 2) with a 2D model;
   slices go through the model in batches of ``batch``.
 * **Labels.** With ``label=N`` the mask is a label map: label N is refined as a binary mask and
@@ -36,23 +36,11 @@ from . import guard, inference, io
 from .errors import InputError, OutputError, UsageError
 from .inference import DEFAULT_TILE, refine_image
 from .options import RefineOptions
+from .preprocess import match_channels, normalise
 from .model import RNCA
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Told how many more pixels (voxels) are refined, for progress bars; None: nobody is told.
 OnPixels = Callable[[int], None] | None
-
-
-def match_channels(image: np.ndarray, channels: int, path: Path | str = "image") -> np.ndarray:
-    """Adapt (..., C) image data to the model's channel count (gray <-> RGB), or refuse."""
-    have = image.shape[-1]
-    if have == channels:
-        return image
-    if have == 3 and channels == 1:
-        return (image @ _LUMA)[..., None].astype(np.float32)
-    if have == 1 and channels == 3:
-        return np.repeat(image, 3, axis=-1)
-    raise InputError(f"{path}: image has {have} channel(s) but the model expects {channels}")
 
 
 def _model_device(model: RNCA) -> torch.device:
@@ -66,14 +54,15 @@ def refine_batch(
 ) -> np.ndarray:
     """Refine a batch of equal-size 2D cases.
 
-    images: (B, H, W, C) float in [0, 1] with the model's channel count; masks: (B, H, W) in [0, 1];
-    seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
+    images: (B, H, W, C) float in [0, 1] with the model's channel count (normalised here if the
+    model's ``image_norm`` says so); masks: (B, H, W) in [0, 1]; seeds: one per case. Returns (B, H, W) float32 probability. Cases no larger than ``tile`` go
     through the model together, at most ``tile**2`` pixels per pass; larger ones are refined tile by
     tile. The result does not depend on either (bounded memory, same masks). ``precision``: see
     :func:`rnca_cli.inference.rollout`. ``progress``: called with the number of pixels refined
     after each forward pass (each tile of a large case).
     """
     b, h, w = masks.shape
+    images = normalise(images, model.config.image_norm)  # on whole images, before any tiling
     if max(h, w) > tile:
         return np.stack([
             refine_image(model, images[i], masks[i], steps, int(seeds[i]), tile, precision=precision, progress=progress)

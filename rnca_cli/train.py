@@ -55,6 +55,7 @@ from .inference import trajectory
 from .losses import far_from, gaps, pixel_weights, sample_losses
 from .model import RNCA, FireNoise, ModelConfig, draw_seeds
 from .options import TrainConfig, parse_loss
+from .preprocess import normalise
 from .perturb import apply_recipe, parse_recipe
 from .validation import METRICS, ValCase, better, coarse_score, guard_limits, refine_cases, score
 
@@ -92,6 +93,7 @@ class Dataset:
     description: str
     has_states: bool = True
     train_ids: list[str] = field(default_factory=list)
+    image_norm: float = 0.0  # training windows are as a model with this ModelConfig.image_norm sees them
 
     def digest(self) -> str:
         """sha256 of every training window and validation case: a resumed run must see the same data."""
@@ -135,15 +137,16 @@ def _pad_to(a: np.ndarray, patch: int) -> np.ndarray:
     return np.pad(a, pads)
 
 
-def _slices(image: np.ndarray, label: np.ndarray, coarse: np.ndarray, axis: int):
-    """2D triples: the case itself, or each slice of a volume along ``axis``."""
+def _slices(image: np.ndarray, label: np.ndarray, coarse: np.ndarray, axis: int, image_norm: float = 0.0):
+    """2D triples: the case itself, or each slice of a volume along ``axis``; each 2D image
+    normalised whole as refinement does (:func:`rnca_cli.preprocess.normalise`)."""
     if label.ndim == 2:
-        yield image, label, coarse
+        yield normalise(image, image_norm), label, coarse
         return
     for k in range(label.shape[axis]):
         take = [slice(None)] * 3
         take[axis] = k
-        yield image[tuple(take)], label[tuple(take)], coarse[tuple(take)]
+        yield normalise(image[tuple(take)], image_norm), label[tuple(take)], coarse[tuple(take)]
 
 
 def cut_patches(image, label, coarse, patch: int, overlap: float, keep_if=None):
@@ -192,13 +195,17 @@ def _cases(images: Path, labels: Path, states: Path | None) -> tuple[list[io.Cas
 def load_dataset(
     images: str | Path, labels: str | Path, states: str | Path | None, config: TrainConfig, label: int | None = None,
     val_images: str | Path | None = None, val_labels: str | Path | None = None, val_states: str | Path | None = None,
+    image_norm: float = 0.0,
 ) -> Dataset:
     """Pair the folders by case id, cut training windows and read the validation cases.
 
     Without ``states`` the coarse masks come from ``config.perturb`` alone. Validation cases come
     from the ``val_*`` folders, or are the last ``val_cases`` (or ``val_fraction``) cases by case
     id, held out whole; without stored coarse masks, a validation case's coarse mask is a
-    corruption of its ground truth drawn once from the seed, the same every round.
+    corruption of its ground truth drawn once from the seed, the same every round. Training
+    windows are cut from images normalised for a model with this ``image_norm``
+    (:class:`~rnca_cli.model.ModelConfig`); validation images stay as read, since validation
+    refines them as ``rnca refine`` does.
     """
     images, labels = Path(images), Path(labels)
     states = Path(states) if states is not None else None
@@ -225,15 +232,16 @@ def load_dataset(
             option = "--val-cases" if config.val_cases else "--val-fraction"
             raise UsageError(f"{option} holds out {held} of {len(cases)} cases and leaves none to train on")
         train_cases, val_cases, val_state_files = cases[: len(cases) - held], cases[len(cases) - held :], state_files
-    train = _patch_set(train_cases, state_files, config, label)
-    val = _val_cases(val_cases, val_state_files, config, label)
+    train = _patch_set(train_cases, state_files, config, label, image_norm)
+    val = _val_cases(val_cases, val_state_files, config, label)  # raw images: refined as rnca refine does
     description = (
         f"images={images} labels={labels} " + (f"states={states}" if states else f"perturb={config.perturb!r}")
         + f": {len(train_cases)} training cases, {len(train)} patches of {config.patch}x{config.patch}"
         + (f"; {len(val)} validation cases" if val else "")
+        + (f"; images normalised (sigma {image_norm:g})" if image_norm else "")
     )
     return Dataset(train, val, unmatched, description, has_states=states is not None,
-                   train_ids=[c.case_id for c in train_cases])
+                   train_ids=[c.case_id for c in train_cases], image_norm=image_norm)
 
 
 def _read_case(case: io.Case, label: int | None, channels: int | None) -> tuple[io.Loaded, io.Loaded]:
@@ -255,7 +263,8 @@ def _read_state(path: Path, image: io.Loaded, label: int | None) -> np.ndarray:
     return state.data
 
 
-def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config: TrainConfig, label: int | None) -> PatchSet:
+def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config: TrainConfig, label: int | None,
+               image_norm: float) -> PatchSet:
     images, targets, coarse, ids = [], [], [], []
     channels = None
     for case in cases:
@@ -265,7 +274,7 @@ def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config:
         sources = [_read_state(p, image, label) for p in state_files.get(case.case_id, [])] or [target.data]
         keep_if = None if case.case_id in state_files else (lambda lab, c: np.any(lab > 0))
         for state in sources:
-            for img2d, lab2d, st2d in _slices(image.data, target.data, state, config.axis):
+            for img2d, lab2d, st2d in _slices(image.data, target.data, state, config.axis, image_norm):
                 for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap, keep_if):
                     images.append(img_p)
                     targets.append(lab_p >= 0.5)
@@ -583,6 +592,9 @@ def train(
     model_config = model_config or ModelConfig(image_channels=channels)
     if model_config.image_channels != channels:
         raise InputError(f"the training images have {channels} channel(s), the model config {model_config.image_channels}")
+    if model_config.image_norm != data.image_norm:
+        raise UsageError(f"the dataset was loaded with image_norm={data.image_norm:g}, the model config has "
+                         f"{model_config.image_norm:g}; pass the same to load_dataset")
     from . import __version__
 
     record = {"rnca_version": __version__, "train_config": asdict(config), "model_config": model_config.to_dict(),
@@ -770,7 +782,8 @@ def train_files(
     if ranks.world > 1 and torch_device.type == "cuda":
         torch_device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     try:
-        data = load_dataset(images, labels, states, config, label, val_images, val_labels, val_states)
+        data = load_dataset(images, labels, states, config, label, val_images, val_labels, val_states,
+                            model_config.image_norm)
         if on_start and ranks.main:
             on_start(data, torch_device)
         model_config = replace(model_config, image_channels=data.train.images.shape[1])

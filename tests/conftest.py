@@ -41,10 +41,11 @@ def ring(size: int = 32, radius: float = 9.0, width: float = 2.5, gap: bool = Fa
     return out
 
 
-def tiny_model(seed: int = 0, image_channels: int = 1, fire_rate: float = 0.5) -> RNCA:
+def tiny_model(seed: int = 0, image_channels: int = 1, fire_rate: float = 0.5, image_norm: float = 0.0) -> RNCA:
     """A small model whose last layer is not zero, so steps change the state."""
     torch.manual_seed(seed)
-    model = RNCA(ModelConfig(channels=4, hidden=8, image_channels=image_channels, fire_rate=fire_rate))
+    model = RNCA(ModelConfig(channels=4, hidden=8, image_channels=image_channels, fire_rate=fire_rate,
+                             image_norm=image_norm))
     torch.nn.init.normal_(model.fc2.weight, std=0.2)
     torch.nn.init.normal_(model.fc2.bias, std=0.05)
     return model.eval()

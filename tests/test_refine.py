@@ -41,13 +41,7 @@ def test_volume_slices_equal_2d_refinement_with_slice_seeds(model):
     np.testing.assert_allclose(along0[1], rf.refine_array(model, volume[1], mask[1], steps=4, seed=6), atol=1e-6)
 
 
-def test_gray_rgb_channel_matching():
-    rgb = np.random.rand(6, 6, 3).astype(np.float32)
-    gray = rf.match_channels(rgb, 1)
-    np.testing.assert_allclose(gray[..., 0], rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-6)
-    np.testing.assert_array_equal(rf.match_channels(gray, 3)[..., 2], gray[..., 0])
-    with pytest.raises(InputError, match="has 2 channel"):
-        rf.match_channels(np.zeros((4, 4, 2)), 3, "two.png")
+def test_an_rgb_model_refines_a_gray_image():
     rgb_model = tiny_model(image_channels=3)
     assert rf.refine_array(rgb_model, np.random.rand(8, 8), np.ones((8, 8)), steps=2).shape == (8, 8)
 
