@@ -115,6 +115,18 @@ def set_refine_defaults(path: str | os.PathLike, values: dict[str, Any]) -> Path
     return _write(payload, Path(path))
 
 
+def export_model(source: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the checkpoint ``source`` (a run's ``last.pt`` or ``best.pt``) to ``out`` as a model to
+    ship: weights, config, provenance and refine defaults, without the training state ``--resume``
+    needs (the pool and optimizer, a thousand times the weights' size)."""
+    out = Path(out)
+    payload = read_checkpoint(source)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    payload.pop("training", None)
+    return _write(payload, out)
+
+
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over the tensors' names, shapes, dtypes and bytes, in key order."""
     h = hashlib.sha256()

@@ -476,6 +476,23 @@ def synth(
                   highlight=False, markup=False)
 
 
+@command([
+    "rnca export --model runs/vessels/best.pt -o models/vessels.pt",
+])
+def export(
+    model: Annotated[Path, typer.Option(help="Checkpoint of a training run (last.pt or best.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a run's checkpoint as a model to share: weights, config, provenance and refine defaults, without the training state."""
+    from .checkpoint import export_model
+
+    written = export_model(model, out, overwrite)
+    if not quiet:
+        err.print(f"wrote {written} ({written.stat().st_size / 1024:.0f} KB)", highlight=False, markup=False)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

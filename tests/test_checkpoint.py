@@ -130,3 +130,27 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_nothing_behind(tmp_pat
     with pytest.raises(OutputError, match=r"m\.pt: cannot write the checkpoint \(is the disk full\?"):
         save_checkpoint(target, tiny_model(seed=1))
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_export_drops_the_training_state_and_keeps_the_model(tmp_path):
+    model = tiny_model(seed=2)
+    run = save_checkpoint(tmp_path / "last.pt", model, {"iterations": 5}, training={"pool": torch.zeros(64, 64, 64)},
+                          refine={"min_size": 7})
+    out = checkpoint.export_model(run, tmp_path / "model.pt")
+    payload = checkpoint.read_checkpoint(out)
+    assert "training" not in payload and payload["refine"] == {"min_size": 7}
+    assert out.stat().st_size < run.stat().st_size / 10
+    loaded, provenance = load_checkpoint(out)
+    assert provenance["iterations"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    from rnca_cli.errors import OutputError
+
+    with pytest.raises(OutputError, match="model.pt: already exists"):
+        checkpoint.export_model(run, out)
+
+
+@pytest.mark.parametrize("name", sorted(checkpoint.available_models()))
+def test_shipped_models_are_small_and_hold_no_training_state(name):
+    path = checkpoint.available_models()[name]
+    assert "training" not in checkpoint.read_checkpoint(path)
+    assert path.stat().st_size < 200_000

@@ -428,3 +428,15 @@ def test_an_output_path_with_brackets_is_written_and_shown_as_given(tmp_path, pn
     result = rnca("refine", "-i", images / "case0.png", "-m", masks / "case0.png", "-o", out, "--model", model_file,
                   "--steps", 2)
     assert result.exit_code == 0 and out.exists() and f"wrote {out}" in result.output.replace("\n", "")
+
+
+def test_export_writes_a_shippable_model_and_refuses_bad_input(tmp_path, model_file):
+    out = tmp_path / "shipped.pt"
+    result = rnca("export", "--model", model_file, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and out.is_file()
+    again = rnca("export", "--model", model_file, "-o", out)
+    assert again.exit_code != 0 and "already exists" in again.output and "Traceback" not in again.output
+    (tmp_path / "junk.pt").write_text("not a model")
+    bad = rnca("export", "--model", tmp_path / "junk.pt", "-o", tmp_path / "x.pt")
+    assert bad.exit_code != 0 and "junk.pt" in bad.output and not (tmp_path / "x.pt").exists()
