@@ -190,6 +190,7 @@ def train(
     channels: Annotated[Optional[int], typer.Option(help="State channels K. Default: the paper's 16.", show_default=False)] = None,
     hidden: Annotated[Optional[int], typer.Option(help="Hidden width of the update MLP. Default: the paper's 128.", show_default=False)] = None,
     fire_rate: Annotated[Optional[float], typer.Option(help="Probability that a cell updates in a step. Default: the paper's 0.5.", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this model's weights (a shipped name or a .pt file) to fine-tune it; the architecture and --image-norm are the model's.")] = None,
     image_norm: Annotated[float, typer.Option(help="Local contrast normalisation of the images at this Gaussian sigma in pixels, stored in the model and applied by refine (0: none). For faint structures, e.g. 10 for fundus vessels.")] = 0.0,
     label: Annotated[Optional[int], typer.Option(help="Train on this label of multi-label masks.")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI volumes are cut into 2D slices along this axis.")] = T.axis,
@@ -215,9 +216,19 @@ def train(
         clip=clip, patch=patch, overlap=overlap, perturb=perturb, perturb_share=perturb_share, loss=loss,
         far_weight=far_weight, miss_weight=miss_weight, ema=ema, min_size=min_size, val_cases=val_cases,
         val_fraction=val_fraction, val_every=val_every, select=select, save_every=save_every, axis=axis, seed=seed,
+        init=init,
     )
-    given = {"channels": channels, "hidden": hidden, "fire_rate": fire_rate, "image_norm": image_norm}
-    model_config = ModelConfig(**{k: v for k, v in given.items() if v is not None})
+    given = {"channels": channels, "hidden": hidden, "fire_rate": fire_rate, "image_norm": image_norm or None}
+    given = {k: v for k, v in given.items() if v is not None}
+    if init is not None:
+        from .checkpoint import load_checkpoint, resolve_model
+
+        if given:
+            raise UsageError(f"--init {init}: the model's architecture and image normalisation are kept; "
+                             f"drop --{', --'.join(k.replace('_', '-') for k in given)}")
+        model_config = load_checkpoint(resolve_model(init))[0].config
+    else:
+        model_config = ModelConfig(**given)
     _set_threads(threads)
     with _progress(quiet, show=False) as bar:
         task = bar.add_task("training", total=iterations, info="")

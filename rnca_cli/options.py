@@ -105,7 +105,9 @@ class TrainConfig:
     ``best.pt`` with an exponential moving average of the weights of this decay (0: off).
     ``min_size``: the model's clean-up, components under this many pixels removed after
     refinement; stored in every checkpoint (``rnca refine`` applies it by default) and applied in
-    validation, so that ``best.pt`` is chosen as it will be used.
+    validation, so that ``best.pt`` is chosen as it will be used. ``init``: a model (shipped name
+    or checkpoint file) whose weights a new run starts from instead of a fresh initialisation
+    (fine-tuning); the run's model config must equal that model's.
     """
 
     iterations: int = 2000
@@ -138,6 +140,7 @@ class TrainConfig:
     save_every: int = 100
     axis: int = 2
     seed: int = 0
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_step is None:

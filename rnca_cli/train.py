@@ -7,6 +7,9 @@ each time a sample enters the pool (or both, mixed by ``perturb_share``). Each 2
 slice of a NIfTI volume along ``axis``) is cut into ``patch`` x ``patch`` windows with
 ``overlap``; windows with nothing to refine are skipped, smaller inputs are zero-padded.
 
+The model starts from a fresh initialisation (the last layer zero, so it begins as the identity),
+or from a trained model's weights with ``init`` (fine-tuning; same model config).
+
 One iteration, top to bottom (:func:`train_step`):
 
 1. draw ``batch`` pool entries; replace ``replace`` of them with fresh states made from coarse masks;
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 
 from . import io, pictures
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, set_refine_defaults
+from .checkpoint import load_checkpoint, read_checkpoint, resolve_model, save_checkpoint, set_refine_defaults
 from .device import float32_convolutions, make_generator
 from .engines import Engine, select_engine
 from .errors import InputError, OutputError, TrainingError, UsageError
@@ -618,6 +621,8 @@ def train(
 
     torch.manual_seed(config.seed)  # parameter initialisation, the same on every rank
     model = RNCA(model_config).to(device).train()
+    if config.init is not None and not resume:  # a resumed run continues from its own last.pt
+        model.load_state_dict(initial_weights(config.init, model_config))
     engine = select_engine(device, torch.float32, model)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                             weight_decay=config.weight_decay)
@@ -726,6 +731,17 @@ def train(
                 set_refine_defaults(path, guard_limits(chosen, data.val, config.steps, config.seed, config.min_size))
     ranks.barrier()
     return model, (run.best if run.best.exists() else run.last)
+
+
+def initial_weights(init: str, model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of model ``init`` (a shipped name or a checkpoint file), refused unless its
+    config is the run's: fine-tuning keeps the architecture, the image channels and normalisation."""
+    model = load_checkpoint(resolve_model(init))[0]
+    if model.config != model_config:
+        theirs, ours = model.config.to_dict(), model_config.to_dict()
+        diff = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in theirs if theirs[k] != ours[k])
+        raise UsageError(f"{init}: --init model differs from this run's model: {diff}")
+    return model.state_dict()
 
 
 def repair_pictures(model: RNCA, cases: list[ValCase], steps: int, seed: int, strip: Path, gif: Path) -> list[Path]:

@@ -440,3 +440,13 @@ def test_export_writes_a_shippable_model_and_refuses_bad_input(tmp_path, model_f
     (tmp_path / "junk.pt").write_text("not a model")
     bad = rnca("export", "--model", tmp_path / "junk.pt", "-o", tmp_path / "x.pt")
     assert bad.exit_code != 0 and "junk.pt" in bad.output and not (tmp_path / "x.pt").exists()
+
+
+def test_train_init_keeps_the_models_architecture(tmp_path, model_file):
+    images, labels, states = make_folders(tmp_path)
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", tmp_path / "r",
+                  "--init", model_file, "--hidden", 64)
+    assert result.exit_code != 0 and "drop --hidden" in result.output and "Traceback" not in result.output
+    result = rnca("train", "--images", images, "--labels", labels, "--states", states, "--out", tmp_path / "r",
+                  "--init", tmp_path / "missing.pt")
+    assert result.exit_code != 0 and "missing.pt: no such model file" in result.output

@@ -480,3 +480,24 @@ def test_kills_at_random_moments_then_resume_end_like_the_uninterrupted_run(tmp_
     b, provenance = load_checkpoint(last)
     assert provenance["iterations"] == 150
     assert_same_weights(a, b)
+
+
+def test_init_starts_from_a_models_weights_and_refuses_another_architecture(tmp_path):
+    from dataclasses import replace
+
+    from rnca_cli.errors import UsageError
+
+    folders = make_folders(tmp_path)
+    config = tr.TrainConfig(iterations=15, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, lr=1e-2)
+    data = tr.load_dataset(*folders, config)
+    trained, _ = tr.train(data, tmp_path / "a", config, SMALL)
+    one = replace(config, iterations=1, lr=1e-5)
+    tuned, _ = tr.train(data, tmp_path / "b", replace(one, init=str(tmp_path / "a" / "last.pt")), SMALL)
+    fresh, _ = tr.train(data, tmp_path / "c", one, SMALL)
+
+    def distance(m1, m2):
+        return sum(float((a - b).abs().sum()) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+    assert distance(tuned, trained) < 0.01 < distance(fresh, trained)
+    with pytest.raises(UsageError, match="last.pt: --init model differs from this run's model: hidden 16"):
+        tr.train(data, tmp_path / "d", replace(one, init=str(tmp_path / "a" / "last.pt")), ModelConfig(channels=4, hidden=8))
