@@ -57,7 +57,8 @@ def refine_batch(
     images: (B, H, W, C) float in [0, 1] with the model's channel count (normalised here if the
     model's ``image_norm`` says so); masks: (B, H, W) in [0, 1]; seeds: one per case. Returns
     (B, H, W) float32 probability. Cases no larger than ``tile`` go through the model together, at
-    most ``tile**2`` pixels per pass; larger ones are refined tile by tile. The result does not depend on either (bounded memory, same masks). ``precision``: see
+    most ``tile**2`` pixels per pass; larger ones are refined tile by tile. The result does not
+    depend on either (bounded memory, same masks). ``precision``: see
     :func:`rnca_cli.inference.rollout`. ``progress``: called with the number of pixels refined
     after each forward pass (each tile of a large case).
     """
