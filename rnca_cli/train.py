@@ -140,16 +140,23 @@ def _pad_to(a: np.ndarray, patch: int) -> np.ndarray:
     return np.pad(a, pads)
 
 
-def _slices(image: np.ndarray, label: np.ndarray, coarse: np.ndarray, axis: int, image_norm: float = 0.0):
-    """2D triples: the case itself, or each slice of a volume along ``axis``; each 2D image
-    normalised whole as refinement does (:func:`rnca_cli.preprocess.normalise`)."""
+def _slices(image: np.ndarray, label: np.ndarray, coarse: np.ndarray, axis: int):
+    """2D triples: the case itself, or each slice of a volume along ``axis``."""
     if label.ndim == 2:
-        yield normalise(image, image_norm), label, coarse
+        yield image, label, coarse
         return
     for k in range(label.shape[axis]):
         take = [slice(None)] * 3
         take[axis] = k
-        yield normalise(image[tuple(take)], image_norm), label[tuple(take)], coarse[tuple(take)]
+        yield image[tuple(take)], label[tuple(take)], coarse[tuple(take)]
+
+
+def _normalised(image: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """A case's image (H, W, C) or volume (X, Y, Z, C) with each 2D image (each slice along
+    ``axis``) normalised whole, as refinement does (:func:`rnca_cli.preprocess.normalise`)."""
+    if image.ndim == 3:
+        return normalise(image, sigma)
+    return np.moveaxis(normalise(np.moveaxis(image, axis, 0), sigma), 0, axis)
 
 
 def cut_patches(image, label, coarse, patch: int, overlap: float, keep_if=None):
@@ -273,11 +280,12 @@ def _patch_set(cases: list[io.Case], state_files: dict[str, list[Path]], config:
     for case in cases:
         image, target = _read_case(case, label, channels)
         channels = image.data.shape[-1]
+        pixels = _normalised(image.data, image_norm, config.axis)  # once per case, whatever its coarse masks
         # Without stored coarse masks the windows hold the ground truth, corrupted when they enter the pool.
         sources = [_read_state(p, image, label) for p in state_files.get(case.case_id, [])] or [target.data]
         keep_if = None if case.case_id in state_files else (lambda lab, c: np.any(lab > 0))
         for state in sources:
-            for img2d, lab2d, st2d in _slices(image.data, target.data, state, config.axis, image_norm):
+            for img2d, lab2d, st2d in _slices(pixels, target.data, state, config.axis):
                 for img_p, lab_p, st_p in cut_patches(img2d, lab2d, st2d, config.patch, config.overlap, keep_if):
                     images.append(img_p)
                     targets.append(lab_p >= 0.5)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rnca_cli import io
 from rnca_cli import train as tr
 from rnca_cli.errors import InputError, UsageError
 from rnca_cli.inference import rollout
@@ -111,3 +112,19 @@ def test_image_norm_must_not_be_negative():
     with pytest.raises(UsageError, match="image_norm"):
         ModelConfig(image_norm=-1.0)
     assert ModelConfig.from_dict({"channels": 4}).image_norm == 0.0  # checkpoints from before it existed
+
+
+def test_each_slice_of_a_training_volume_is_normalised_whole(tmp_path):
+    from conftest import write_nifti
+
+    rng = np.random.default_rng(4)
+    target = np.stack([ring(32, radius=8, width=3)] * 3, axis=2).astype(np.uint8)  # (32, 32, 3), slices on axis 2
+    volume = (0.3 + 0.2 * target + rng.normal(0, 0.05, target.shape)).clip(0, 1).astype(np.float32)
+    write_nifti(tmp_path / "i" / "v.nii.gz", volume)
+    write_nifti(tmp_path / "l" / "v.nii.gz", target)
+    data = tr.load_dataset(tmp_path / "i", tmp_path / "l", None, tr.TrainConfig(patch=32, perturb="breaks:1"),
+                           image_norm=4.0)
+    read = io.read_images([tmp_path / "i" / "v.nii.gz"]).data  # (32, 32, 3, 1), as training reads it
+    seen = data.train.images[:, 0].numpy()  # one window per slice
+    for k in range(3):
+        np.testing.assert_allclose(seen[k], normalise(read[:, :, k], 4.0)[..., 0], atol=1e-5)
