@@ -225,9 +225,14 @@ def load_dataset(
     if not cases:
         raise InputError(f"{images}: no case has an image, a label (in {labels})"
                          + (f" and a coarse mask (in {states})" if states else ""))
+    if val_states is not None and (val_images is None or val_labels is None):
+        raise UsageError("--val-states needs --val-images and --val-labels")
     if val_images is not None or val_labels is not None:
         if val_images is None or val_labels is None:
             raise UsageError("--val-images and --val-labels go together")
+        if config.val_cases or config.val_fraction:
+            option = "--val-cases" if config.val_cases else "--val-fraction"
+            raise UsageError(f"give {option} or --val-images/--val-labels, not both")
         vstates = Path(val_states) if val_states is not None else None
         if vstates is None and config.perturb is None:
             raise UsageError("validation cases without --val-states need a --perturb recipe")

@@ -340,6 +340,7 @@ def test_refine_saves_overlay_and_trajectory_pictures(tmp_path, png_folders, mod
     ("recipe", 2, "unknown operator 'smudge'"),
     ("empty", 1, "nothing to train on"),
     ("fraction", 2, "--val-fraction holds out 4 of 4 cases and leaves none to train on"),
+    ("val_both", 2, "give --val-cases or --val-images/--val-labels, not both"),
     ("resume", 2, "the run used lr=0.0001, not 0.001"),
 ])
 def test_train_bad_input_is_one_line_and_overwrites_nothing(tmp_path, case, code, message):
@@ -360,6 +361,8 @@ def test_train_bad_input_is_one_line_and_overwrites_nothing(tmp_path, case, code
             write_png(states / f"c{k}.png", np.zeros((32, 32), np.uint8))
     elif case == "fraction":
         extra = ["--val-fraction", "0.99"]
+    elif case == "val_both":
+        extra = ["--val-cases", 1, "--val-images", images, "--val-labels", labels]
     else:
         assert rnca(*base, "-o", out, "-q").exit_code == 0
         extra = ["--lr", 0.001]

@@ -289,6 +289,29 @@ def test_bad_training_options_are_refused(change, message):
         tr.TrainConfig(**change)
 
 
+def test_validation_from_separate_folders_keeps_every_training_case(tmp_path):
+    images, labels, states = make_folders(tmp_path / "train", n=4)
+    v_images, v_labels, v_states = make_folders(tmp_path / "val", n=3)
+    data = tr.load_dataset(images, labels, states, tr.TrainConfig(patch=32), None, v_images, v_labels, v_states)
+    assert len(data.train) == 4 and [c.case_id for c in data.val] == ["c0", "c1", "c2"]
+    assert "3 validation cases" in data.description
+
+
+@pytest.mark.parametrize("config, given, message", [
+    (dict(val_cases=1), ("images", "labels", None), "give --val-cases or --val-images/--val-labels, not both"),
+    (dict(val_fraction=0.5), ("images", "labels", "states"), "give --val-fraction or --val-images/--val-labels, not both"),
+    (dict(), ("images", None, None), "--val-images and --val-labels go together"),
+    (dict(), (None, None, "states"), "--val-states needs --val-images and --val-labels"),
+])
+def test_validation_options_that_would_be_ignored_are_refused(tmp_path, config, given, message):
+    folders = make_folders(tmp_path / "train", n=4)
+    val_root = tmp_path / "val"
+    make_folders(val_root, n=2)
+    val = [val_root / name if name else None for name in given]
+    with pytest.raises(ValueError, match=message):
+        tr.load_dataset(*folders, tr.TrainConfig(patch=32, **config), None, *val)
+
+
 def test_val_fraction_leaving_no_training_case_is_refused(tmp_path):
     folders = make_folders(tmp_path, n=2)
     with pytest.raises(ValueError, match="--val-fraction holds out 2 of 2 cases and leaves none"):
