@@ -14,7 +14,7 @@ from rnca_cli.model import ModelConfig
 from rnca_cli.preprocess import SD_FLOOR, match_channels, normalise
 from rnca_cli.refine import refine_array, refine_images
 
-from conftest import ring, tiny_model, write_png
+from conftest import ring, tiny_model, write_nifti, write_png
 
 
 def faint_line(contrast: float, size: int = 96, level: float = 0.6) -> np.ndarray:
@@ -115,8 +115,6 @@ def test_image_norm_must_not_be_negative():
 
 
 def test_each_slice_of_a_training_volume_is_normalised_whole(tmp_path):
-    from conftest import write_nifti
-
     rng = np.random.default_rng(4)
     target = np.stack([ring(32, radius=8, width=3)] * 3, axis=2).astype(np.uint8)  # (32, 32, 3), slices on axis 2
     volume = (0.3 + 0.2 * target + rng.normal(0, 0.05, target.shape)).clip(0, 1).astype(np.float32)

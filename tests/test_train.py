@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import csv
+import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import torch
 from rnca_cli import train as tr
 from rnca_cli.checkpoint import load_checkpoint
 from rnca_cli.engines import select_engine
-from rnca_cli.errors import InputError, OutputError
+from rnca_cli.errors import InputError, OutputError, UsageError
 from rnca_cli.model import FireNoise, ModelConfig
 from rnca_cli.refine import refine_array
 
@@ -506,10 +506,6 @@ def test_kills_at_random_moments_then_resume_end_like_the_uninterrupted_run(tmp_
 
 
 def test_init_starts_from_a_models_weights_and_refuses_another_architecture(tmp_path):
-    from dataclasses import replace
-
-    from rnca_cli.errors import UsageError
-
     folders = make_folders(tmp_path)
     config = tr.TrainConfig(iterations=15, pool=4, batch=2, replace=1, steps=4, min_step=2, patch=32, lr=1e-2)
     data = tr.load_dataset(*folders, config)
