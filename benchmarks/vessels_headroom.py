@@ -72,7 +72,7 @@ def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[s
         "gaps": dice(repaired, truth),
         "walls": dice(repaired & ~(near_truth & ~truth), truth),
         "trim": max(dice(coarse & ~(edge & (bright > t)), truth) for t in TRIM_THRESHOLDS),
-        "tip_auc": auc(-bright[gaps], -bright[background]) if gaps.any() else float("nan"),
+        "tip_auc": auc(-bright[gaps], -bright[background]) if gaps.any() and background.any() else float("nan"),
     }
 
 
@@ -91,10 +91,10 @@ def main() -> None:
         raise SystemExit(f"{args.coarse}: no PNG coarse masks")
     columns = list(next(iter(rows.values())))
     print("| case | " + " | ".join(columns) + " |\n| --- |" + " --- |" * len(columns))
-    for case, row in [*rows.items(), ("mean", {c: float(np.mean([r[c] for r in rows.values()])) for c in columns})]:
+    for case, row in [*rows.items(), ("mean", {c: float(np.nanmean([r[c] for r in rows.values()])) for c in columns})]:
         print(f"| {case} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps(rows, indent=1).replace("NaN", "null") + "\n")  # no gaps: no AUC
 
 
 if __name__ == "__main__":
