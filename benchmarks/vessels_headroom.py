@@ -15,8 +15,10 @@ measure. Per case, against the DRIVE label:
 * ``trim``: the best Dice, over thresholds, of removing the coarse mask's edge pixels whose
   locally normalised green intensity (``z``, as ``--image-norm 10`` shows it to the model) is
   above the threshold: whether one pixel of the image says where the wall is;
-* ``tip AUC``: how well the same normalised intensity tells the missed vessel pixels (``gaps``)
-  from background pixels 2-8 px from the coarse mask (0.5: not at all).
+* ``pixel AUC``: how well the same normalised intensity tells the missed vessel pixels (``gaps``)
+  from background pixels 2-8 px from the coarse mask (0.5: not at all);
+* ``line AUC``: the same for a line detector (:func:`line_response`), which sees 15 px along a
+  vessel instead of one pixel: what an automaton could gain from an image input wider than 3x3.
 
 ``QUALITY.md`` (vessels) has the last result and what it means for the targets.
 """
@@ -52,6 +54,22 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * len(negative)))
 
 
+def line_response(green: np.ndarray, length: int = 15, angles: int = 12) -> np.ndarray:
+    """(H, W) largest mean darkness along a ``length`` px line through each pixel, over ``angles``
+    orientations, minus the mean darkness of the ``length`` x ``length`` square around it (the line
+    detector of Ricci and Perfetti, IEEE TMI 2007)."""
+    dark = 1.0 - green
+    best = np.full(dark.shape, -np.inf)
+    c = length // 2
+    for k in range(angles):
+        theta = np.pi * k / angles
+        kernel = np.zeros((length, length))
+        t = np.linspace(-c, c, 4 * length)
+        kernel[np.rint(c + t * np.sin(theta)).astype(int), np.rint(c + t * np.cos(theta)).astype(int)] = 1.0
+        best = np.maximum(best, ndimage.convolve(dark, kernel / kernel.sum(), mode="mirror"))
+    return best - ndimage.uniform_filter(dark, length, mode="mirror")
+
+
 def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[str, float]:
     """The module docstring's ceilings for one case: masks (H, W) bool, green (H, W) float."""
     near_coarse = ndimage.distance_transform_edt(~coarse) <= 1.5  # 8-neighbours of the mask
@@ -65,6 +83,7 @@ def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[s
     repaired = coarse | gaps
     bright = (normalise(green[..., None], NORM_SIGMA)[..., 0] - 0.5) * 2 * SPAN  # z, clipped at +-SPAN
     edge = coarse & ~ndimage.binary_erosion(coarse)
+    line = line_response(green)
     background = ~truth & ~coarse & ~near_coarse & (ndimage.distance_transform_edt(~coarse) <= 8)
     return {
         "coarse": dice(coarse, truth),
@@ -72,7 +91,8 @@ def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[s
         "gaps": dice(repaired, truth),
         "walls": dice(repaired & ~(near_truth & ~truth), truth),
         "trim": max(dice(coarse & ~(edge & (bright > t)), truth) for t in TRIM_THRESHOLDS),
-        "tip_auc": auc(-bright[gaps], -bright[background]) if gaps.any() and background.any() else float("nan"),
+        "pixel_auc": auc(-bright[gaps], -bright[background]) if gaps.any() and background.any() else float("nan"),
+        "line_auc": auc(line[gaps], line[background]) if gaps.any() and background.any() else float("nan"),
     }
 
 
