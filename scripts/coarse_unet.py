@@ -5,9 +5,9 @@ missing thin tips, stray fragments), not only from synthetic damage. This script
 
 1. The cases are split into *train* cases (the refiner's) and *test* cases (held out, by default
    the last 5 case ids).
-2. The train cases are split into ``--folds`` folds. For each fold a U-Net (width 16, depth 3) is
-   trained on the other folds and predicts the fold: ``out/oof/`` holds one out-of-fold coarse mask
-   per train case, the refiner's training states.
+2. The train cases are split into ``--folds`` folds. For each fold a U-Net (width 16, depth 3, or
+   ``--oof-depth``) is trained on the other folds and predicts the fold: ``out/oof/`` holds one
+   out-of-fold coarse mask per train case, the refiner's training states.
 3. A different network (one level deeper: width 16, depth 4, another seed) is trained on all train cases and predicts
    the test cases: ``out/unseen/``. The refiner never sees this network nor these images, so its
    scores there say how it does on a segmentation model it was not trained for.
@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--oof-depth", type=int, default=3, help="depth of the out-of-fold U-Nets (4: a second, deeper set)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -146,7 +147,7 @@ def main(argv=None) -> None:
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     rows = []
     folds = [train_ids[k :: args.folds] for k in range(args.folds)]
-    jobs = [(f"fold{k}", 16, 3, args.seed + k, [c for c in train_ids if c not in fold], fold, "oof")
+    jobs = [(f"fold{k}", 16, args.oof_depth, args.seed + k, [c for c in train_ids if c not in fold], fold, "oof")
             for k, fold in enumerate(folds)]
     jobs.append(("unseen", 16, 4, args.seed + 100, train_ids, test_ids, "unseen"))
     for name, width, depth, seed, fit, targets, sub in jobs:
