@@ -3,8 +3,9 @@
     python benchmarks/vessels_headroom.py                      # data/drive-coarse/unseen, cases 36-40
     python benchmarks/vessels_headroom.py --coarse data/drive-coarse/oof --json out.json
 
-A refiner changes a coarse mask in three ways, and each has a ceiling that needs no model to
-measure. Per case, against the DRIVE label:
+A refiner changes a coarse mask in three ways (pruning fragments, filling gaps, moving walls),
+and each has a ceiling that needs no model to measure; the last three columns ask how much of it
+the image shows. Per case, against the DRIVE label:
 
 * ``fragments``: Dice after removing exactly the connected components (8-connected) of which
   less than half is vessel: a perfect pruner of stray fragments;
@@ -40,7 +41,7 @@ from rnca_cli.preprocess import SPAN, normalise
 ROOT = Path(__file__).resolve().parents[1]
 DRIVE = ROOT.parent / "shared" / "data" / "drive-train"
 TRIM_THRESHOLDS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # z; vessels are darker than their surroundings
-NORM_SIGMA = 10.0  # the shipped vessel runs' --image-norm
+NORM_SIGMA = 10.0  # the --image-norm of every vessels run in models/README.md
 
 
 def read(path: Path) -> np.ndarray:
