@@ -73,7 +73,8 @@ def line_response(green: np.ndarray, length: int = 15, angles: int = 12) -> np.n
 
 def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[str, float]:
     """The module docstring's ceilings for one case: masks (H, W) bool, green (H, W) float."""
-    near_coarse = ndimage.distance_transform_edt(~coarse) <= 1.5  # 8-neighbours of the mask
+    to_coarse = ndimage.distance_transform_edt(~coarse)
+    near_coarse = to_coarse <= 1.5  # 8-neighbours of the mask
     near_truth = ndimage.distance_transform_edt(~truth) <= 1.5
     labels, _ = ndimage.label(coarse, np.ones((3, 3), bool))
     size = np.bincount(labels.ravel())
@@ -85,15 +86,16 @@ def headroom(coarse: np.ndarray, truth: np.ndarray, green: np.ndarray) -> dict[s
     bright = (normalise(green[..., None], NORM_SIGMA)[..., 0] - 0.5) * 2 * SPAN  # z, clipped at +-SPAN
     edge = coarse & ~ndimage.binary_erosion(coarse)
     line = line_response(green)
-    background = ~truth & ~coarse & ~near_coarse & (ndimage.distance_transform_edt(~coarse) <= 8)
+    background = ~truth & ~coarse & ~near_coarse & (to_coarse <= 8)
+    comparable = gaps.any() and background.any()  # else no AUC
     return {
         "coarse": dice(coarse, truth),
         "fragments": dice(keep[labels], truth),
         "gaps": dice(repaired, truth),
         "walls": dice(repaired & ~(near_truth & ~truth), truth),
         "trim": max(dice(coarse & ~(edge & (bright > t)), truth) for t in TRIM_THRESHOLDS),
-        "pixel_auc": auc(-bright[gaps], -bright[background]) if gaps.any() and background.any() else float("nan"),
-        "line_auc": auc(line[gaps], line[background]) if gaps.any() and background.any() else float("nan"),
+        "pixel_auc": auc(-bright[gaps], -bright[background]) if comparable else float("nan"),
+        "line_auc": auc(line[gaps], line[background]) if comparable else float("nan"),
     }
 
 
