@@ -15,8 +15,9 @@ already correct (the ground truth itself is refined). Methods:
   headline metric: ``remove`` components under k pixels, ``close`` with a disk of radius r,
   ``close+remove`` (both), and ``fill`` holes (followed by removal, for fill).
 
-The guard is also run out of domain: each model on the other tasks' held-out cases; the share of
-cases it keeps is reported beside the in-domain share.
+The guard is also run out of domain: each model on the other tasks' held-out cases (the first 16
+of each); the share of cases it keeps, and the Dice and β0 + β1 error of the input and of what is
+written, are reported beside the in-domain ones.
 
 Data (paths relative to the repository root; a task whose data is missing is skipped and named):
 
@@ -235,17 +236,27 @@ def draw(name, cases, coarse, truth, classical_dir, rnca_dir, classical_label, r
 
 
 def guard_matrix(tasks: dict[str, Task], models: dict[str, str], work: Path) -> dict:
-    """Share of cases each model's guard keeps on each task's held-out cases (off-diagonal: out of domain)."""
+    """Each model on each task's first 16 held-out cases (off-diagonal: out of domain), guard on: the
+    share of cases the guard keeps, and Dice and β0 + β1 error of the input and of what is written,
+    so that harm the guard lets through shows too."""
     matrix = {}
     for model_task in tasks:
         matrix[model_task] = {}
         for data_task, task in tasks.items():
             cases = case_files(*task.test)[:16]
-            images = link_folder(work / "guard" / model_task / data_task / "images", [i for _, i, _, _ in cases])
-            masks = link_folder(work / "guard" / model_task / data_task / "masks", [c for _, _, c, _ in cases])
-            run = refine_files(images, masks, work / "guard" / model_task / data_task / "out", models[model_task],
+            folder = work / "guard" / model_task / data_task
+            images = link_folder(folder / "images", [i for _, i, _, _ in cases])
+            masks = link_folder(folder / "masks", [c for _, _, c, _ in cases])
+            truth = link_folder(folder / "truth", [t for *_, t in cases])
+            run = refine_files(images, masks, folder / "out", models[model_task],
                                RefineOptions(report=work / "guard" / f"{model_task}-{data_task}.csv"))
-            matrix[model_task][data_task] = float(np.mean([bool(r.verdict.kept) for r in run.results]))
+            before, _ = score(masks, truth, ("dice", "betti"))
+            after, _ = score(folder / "out", truth, ("dice", "betti"))
+            matrix[model_task][data_task] = {
+                "kept": float(np.mean([bool(r.verdict.kept) for r in run.results])),
+                "dice_input": before["dice"], "dice": after["dice"],
+                "betti_err_input": before["betti0_err"] + before["betti1_err"],
+                "betti_err": after["betti0_err"] + after["betti1_err"]}
     return matrix
 
 
@@ -287,9 +298,9 @@ def main() -> None:
             out[name] = run_task(name, task, Path(tmp) / name, args.pictures, models)
             print(table(name, out[name]), f"\n\n({time.perf_counter() - start:.0f} s)\n", flush=True)
         if len(present) > 1:
-            out["guard_kept_share"] = guard_matrix(present, models, Path(tmp))
-            print("guard: share of cases kept, model (rows) on held-out data (columns)")
-            print(json.dumps(out["guard_kept_share"], indent=1))
+            out["guard"] = guard_matrix(present, models, Path(tmp))
+            print("guard: each model (outer key) on each task's held-out cases (inner key)")
+            print(json.dumps(out["guard"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v) + "\n")
 
