@@ -1,7 +1,7 @@
 """What happens to refined probabilities before they are written: ensembles, clean-up, the guard.
 
-A refiner trained on one kind of mask can damage another kind (the rings model grows blobs on
-vessel images). ``rnca refine`` therefore judges every case from numbers it already has, and keeps
+A refiner trained on one kind of mask can damage another kind (the fill model fills the hole of a
+ring). ``rnca refine`` therefore judges every case from numbers it already has, and keeps
 the input mask where the refinement looks unreliable:
 
 * **runs**: the automaton is stochastic, so a case is refined with ``runs`` seeds (run ``r`` uses
