@@ -239,19 +239,19 @@ def guard_matrix(tasks: dict[str, Task], models: dict[str, str], work: Path) -> 
     """Each model on each task's first 16 held-out cases (off-diagonal: out of domain), guard on: the
     share of cases the guard keeps, and Dice and β0 + β1 error of the input and of what is written,
     so that harm the guard lets through shows too."""
-    matrix = {}
-    for model_task in tasks:
-        matrix[model_task] = {}
-        for data_task, task in tasks.items():
-            cases = case_files(*task.test)[:16]
-            folder = work / "guard" / model_task / data_task
-            images = link_folder(folder / "images", [i for _, i, _, _ in cases])
-            masks = link_folder(folder / "masks", [c for _, _, c, _ in cases])
-            truth = link_folder(folder / "truth", [t for *_, t in cases])
-            run = refine_files(images, masks, folder / "out", models[model_task],
+    matrix = {model_task: {} for model_task in tasks}
+    for data_task, task in tasks.items():
+        cases = case_files(*task.test)[:16]
+        folder = work / "guard" / data_task
+        images = link_folder(folder / "images", [i for _, i, _, _ in cases])
+        masks = link_folder(folder / "masks", [c for _, _, c, _ in cases])
+        truth = link_folder(folder / "truth", [t for *_, t in cases])
+        before, _ = score(masks, truth, ("dice", "betti"))
+        for model_task in tasks:
+            out = folder / "out" / model_task
+            run = refine_files(images, masks, out, models[model_task],
                                RefineOptions(report=work / "guard" / f"{model_task}-{data_task}.csv"))
-            before, _ = score(masks, truth, ("dice", "betti"))
-            after, _ = score(folder / "out", truth, ("dice", "betti"))
+            after, _ = score(out, truth, ("dice", "betti"))
             matrix[model_task][data_task] = {
                 "kept": float(np.mean([bool(r.verdict.kept) for r in run.results])),
                 "dice_input": before["dice"], "dice": after["dice"],
