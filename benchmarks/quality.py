@@ -1,12 +1,14 @@
 """Held-out quality of the shipped refiners against the classical fixes a user would try first.
 
     python benchmarks/quality.py                     # every task whose data is present
-    python benchmarks/quality.py --tasks rings --json benchmarks/quality.json --pictures benchmarks/quality
+    python benchmarks/quality.py --json benchmarks/quality.json --pictures benchmarks/quality --cases benchmarks/quality
+    python benchmarks/quality.py --tasks rings --model rings=runs/x/best.pt   # one task, another checkpoint
 
 For each task, on held-out cases the model never trained on, scored by ``rnca evaluate``'s core
 (:func:`rnca_cli.evaluate.evaluate_paths`): Dice, clDice, β0 / β1 errors, HD95, ASSD, the share of
 cases whose topology equals the ground truth's, and the share of pixels changed when the input is
-already correct (the ground truth itself is refined). Methods:
+already correct (the ground truth itself is refined). ``--json`` stores the means, ``--cases``
+one CSV per task with every method's scores on every case. Methods:
 
 * ``coarse``: the input masks;
 * ``rnca``: ``rnca refine --model TASK`` with its defaults (guard on, the model's own clean-up);
@@ -34,6 +36,7 @@ Data (paths relative to the repository root; a task whose data is missing is ski
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -149,16 +152,29 @@ def headline(means: dict[str, float], metric: str) -> tuple:
     return (round(value, 6), -means["dice"])
 
 
-def changed_share(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
-    """Pixels changed, as a share of all pixels, over all cases."""
-    changed = sum(int((before[c] != after[c]).sum()) for c in before)
-    return changed / sum(m.size for m in before.values())
+def changed_share(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> tuple[float, dict[str, float]]:
+    """Pixels changed as a share of all pixels: over all cases, and per case."""
+    changed = {c: int((before[c] != after[c]).sum()) for c in before}
+    pooled = sum(changed.values()) / sum(m.size for m in before.values())
+    return pooled, {c: n / before[c].size for c, n in changed.items()}
+
+
+CASE_COLUMNS = ("method", "case", *METRICS, "topology_correct", "changed_on_correct", "kept_by_guard")
+
+
+def case_rows(method: str, rows: list[dict], changed: dict[str, float], kept: dict[str, str] | None = None) -> list[dict]:
+    """One method's per-case lines of ``<task>-cases.csv`` (:data:`CASE_COLUMNS`); ``kept``: the
+    guard's reason per case ('' when refined), None for methods without a guard."""
+    return [{"method": method, "case": r["case"], **{m: r[m] for m in METRICS},
+             "topology_correct": int(float(r["betti_err"]) == 0), "changed_on_correct": f"{changed[r['case']]:.6f}",
+             "kept_by_guard": "" if kept is None else kept[r["case"]]} for r in rows]
 
 
 # -- one task ------------------------------------------------------------------------------------
 
 
-def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, models: dict[str, str]) -> dict:
+def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, models: dict[str, str]) -> tuple[dict, list[dict]]:
+    """One task's means per method (``quality.json``) and its per-case rows (:func:`case_rows`)."""
     cases = case_files(*task.test)
     tune = case_files(*task.tune)
     truth_dir = link_folder(work / "truth", [t for *_, t in cases])
@@ -167,10 +183,11 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
     loaded = {cid: io.read_mask(c) for cid, _, c, _ in cases}
     coarse = {cid: m.data >= 0.5 for cid, m in loaded.items()}
     truth = {cid: io.read_mask(t).data >= 0.5 for cid, _, _, t in cases}
-    results, settings = {}, {}
+    results, settings, per_case = {}, {}, []
 
-    results["coarse"], _ = score(coarse_dir, truth_dir)
+    results["coarse"], rows = score(coarse_dir, truth_dir)
     results["coarse"]["changed_on_correct"] = 0.0
+    per_case += case_rows("coarse", rows, dict.fromkeys(truth, 0.0))
 
     # classical fixes: tuned on the training cases, applied to the held-out ones
     tune_coarse = {cid: io.read_mask(c).data >= 0.5 for cid, _, c, _ in tune}
@@ -188,8 +205,9 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
         settings[method] = setting
         label = f"{method} ({setting})"
         fixed = {c: fix(m) for c, m in coarse.items()}
-        results[label], _ = score(write_masks(work / "classical" / method, fixed, loaded), truth_dir)
-        results[label]["changed_on_correct"] = changed_share(truth, {c: fix(t) for c, t in truth.items()})
+        results[label], rows = score(write_masks(work / "classical" / method, fixed, loaded), truth_dir)
+        results[label]["changed_on_correct"], changed = changed_share(truth, {c: fix(t) for c, t in truth.items()})
+        per_case += case_rows(label, rows, changed)
 
     # rnca, as a user runs it, and its variants
     rows = {}
@@ -206,15 +224,17 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
         results[label]["seconds_per_case"] = seconds / len(cases)
         correct = work / "rnca-correct" / label.replace(" ", "_")
         refine_files(images_dir, truth_dir, correct, models[name], replace(options, report=work / f"{label}-correct.csv"))
-        results[label]["changed_on_correct"] = changed_share(
+        results[label]["changed_on_correct"], changed = changed_share(
             truth, {c: io.read_mask(correct / f"{c}.png").data >= 0.5 for c in truth})
+        per_case += case_rows(label, rows[label], changed, {r.case_id: r.verdict.kept for r in run.results})
     if pictures_dir is not None:
         best_classical = min((k for k in results if "(" in k and not k.startswith("rnca")),
                              key=lambda k: headline(results[k], task.select))
         method = best_classical.split(" ")[0]
         draw(name, cases, coarse, truth, work / "classical" / method, work / "rnca" / "rnca", best_classical,
              rows["rnca"], task.select, pictures_dir)
-    return {"cases": len(cases), "tuned_on": len(tune), "select": task.select, "settings": settings, "methods": results}
+    summary = {"cases": len(cases), "tuned_on": len(tune), "select": task.select, "settings": settings, "methods": results}
+    return summary, per_case
 
 
 def draw(name, cases, coarse, truth, classical_dir, rnca_dir, classical_label, rows, select, folder: Path) -> None:
@@ -278,6 +298,7 @@ def main() -> None:
                         help="use this checkpoint for a task instead of the shipped model")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for <task>.png comparison sheets")
+    parser.add_argument("--cases", type=Path, help="folder for <task>-cases.csv: every method's scores per held-out case")
     args = parser.parse_args()
     models = {t: t for t in TASKS} | dict(item.split("=", 1) for item in args.model)
     present = {}
@@ -289,13 +310,19 @@ def main() -> None:
             print(f"{name}: skipped, no model {models[name]!r} (shipped: {', '.join(available_models())}; or --model {name}=PATH)")
         else:
             present[name] = TASKS[name]
-    if args.pictures:
-        args.pictures.mkdir(parents=True, exist_ok=True)
+    for folder in (args.pictures, args.cases):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, task in present.items():
             start = time.perf_counter()
-            out[name] = run_task(name, task, Path(tmp) / name, args.pictures, models)
+            out[name], rows = run_task(name, task, Path(tmp) / name, args.pictures, models)
+            if args.cases:
+                with open(args.cases / f"{name}-cases.csv", "w", newline="") as f:
+                    writer = csv.DictWriter(f, CASE_COLUMNS, lineterminator="\n")
+                    writer.writeheader()
+                    writer.writerows(rows)
             print(table(name, out[name]), f"\n\n({time.perf_counter() - start:.0f} s)\n", flush=True)
         if len(present) > 1:
             out["guard"] = guard_matrix(present, models, Path(tmp))
