@@ -210,7 +210,7 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
         per_case += case_rows(label, rows, changed)
 
     # rnca, as a user runs it, and its variants
-    rows = {}
+    rnca_rows = {}  # per-case evaluate rows of each variant; draw() picks cases by the plain one's
     variants = [("rnca", RefineOptions()), ("rnca (no guard)", RefineOptions(guard=False))]
     if load_model(models[name]).refine_defaults.get("min_size", 0):
         variants.append(("rnca (no clean-up)", RefineOptions(min_size=0)))
@@ -219,20 +219,21 @@ def run_task(name: str, task: Task, work: Path, pictures_dir: Path | None, model
         start = time.perf_counter()
         run = refine_files(images_dir, coarse_dir, out, models[name], replace(options, report=work / f"{label}.csv"))
         seconds = time.perf_counter() - start
-        results[label], rows[label] = score(out, truth_dir)
-        results[label]["kept_by_guard"] = float(np.mean([bool(r.verdict.kept) for r in run.results]))
+        results[label], rnca_rows[label] = score(out, truth_dir)
+        kept = {r.case_id: r.verdict.kept for r in run.results}
+        results[label]["kept_by_guard"] = float(np.mean([bool(reason) for reason in kept.values()]))
         results[label]["seconds_per_case"] = seconds / len(cases)
         correct = work / "rnca-correct" / label.replace(" ", "_")
         refine_files(images_dir, truth_dir, correct, models[name], replace(options, report=work / f"{label}-correct.csv"))
         results[label]["changed_on_correct"], changed = changed_share(
             truth, {c: io.read_mask(correct / f"{c}.png").data >= 0.5 for c in truth})
-        per_case += case_rows(label, rows[label], changed, {r.case_id: r.verdict.kept for r in run.results})
+        per_case += case_rows(label, rnca_rows[label], changed, kept)
     if pictures_dir is not None:
         best_classical = min((k for k in results if "(" in k and not k.startswith("rnca")),
                              key=lambda k: headline(results[k], task.select))
         method = best_classical.split(" ")[0]
         draw(name, cases, coarse, truth, work / "classical" / method, work / "rnca" / "rnca", best_classical,
-             rows["rnca"], task.select, pictures_dir)
+             rnca_rows["rnca"], task.select, pictures_dir)
     summary = {"cases": len(cases), "tuned_on": len(tune), "select": task.select, "settings": settings, "methods": results}
     return summary, per_case
 
